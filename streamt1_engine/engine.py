@@ -1,0 +1,243 @@
+"""The user-facing engine: load a streaming video model once, then generate or stream videos with an
+optional Stream-T1 search. Everything heavy lives elsewhere; this module validates input, wires the
+pieces together and keeps the run record."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .cache import PagedKVCache
+from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
+from .errors import StreamT1Error, require
+from .model.wan import CausalWanDiT
+from .profiling import StageTimer
+from .sampler import make_schedule
+from .search.beam_search import BeamSearch, ChunkRecord, to_float
+from .search.config import SearchConfig
+
+MAX_CHUNKS = 100_000
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StreamT1Error(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda":
+        require(torch.cuda.is_available(), f"device {device!r} requested but CUDA is not available here")
+        require(dev.index is None or dev.index < torch.cuda.device_count(), f"no CUDA device {dev.index}")
+    elif dev.type != "cpu":
+        raise StreamT1Error(f"unsupported device {device!r} (use cpu, cuda or cuda:N)")
+    return dev
+
+
+def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        require(dtype in _DTYPES.values(), f"unsupported dtype {dtype}")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    require(key in _DTYPES, f"unknown dtype {dtype!r} (use float32, float16 or bfloat16)")
+    return _DTYPES[key]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    require(backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            return "torch"
+    return "torch"
+
+
+@dataclass
+class StreamChunk:
+    """One chunk that is final (all surviving beams agree on it)."""
+
+    index: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3], CPU
+    latents: torch.Tensor  # float32 [C, F, h, w], CPU
+    seed: int
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    frames: torch.Tensor  # uint8 [T, H, W, 3], CPU
+    latents: torch.Tensor  # float32 [C, F, h, w], CPU
+    chunks: list[ChunkRecord]
+    fps: int
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "num_frames": int(self.frames.shape[0]),
+                "frame_size": list(self.frames.shape[1:3]), "fps": self.fps, **self.info,
+                "chunks": [c.to_dict() for c in self.chunks]}
+
+    def save_json(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+
+
+class StreamT1Engine:
+    def __init__(self, model: CausalWanDiT, text_encoder, vae, config: EngineConfig, *, device="cpu",
+                 dtype=None, attention_backend: str = "auto", fps: int = 16, name: str = "custom",
+                 default_rewards: dict | None = None, use_nvtx: bool = True):
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype, self.device)
+        self.backend = resolve_backend(attention_backend, self.device)
+        require(model.config == config.model, "model config does not match the engine config")
+        self.model = model.to(self.device, self.dtype).eval()
+        self.text_encoder, self.vae = text_encoder, vae
+        self.config, self.fps, self.name = config, fps, name
+        self.default_rewards = default_rewards or {}
+        self.use_nvtx = use_nvtx
+        self.schedule = make_schedule(config.sampler)
+        require(vae.latent_channels == config.model.in_channels,
+                f"VAE latent channels ({vae.latent_channels}) != model input channels ({config.model.in_channels})")
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str | None = "tiny", *, device="cpu", dtype=None, attention_backend="auto",
+                        text_encoder: str | None = None, vae: str | None = None, lora: str | None = None,
+                        stream: StreamConfig | None = None, **kwargs) -> "StreamT1Engine":
+        """``source``: "tiny" (the embedded model), "random-tiny", an engine-format directory, a diffusers Wan
+        pipeline directory, or a DiT checkpoint (Self-Forcing / CausVid / LongLive / Wan) together with
+        ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id."""
+        from . import loaders  # local import keeps the engine importable without optional parts
+
+        dev = parse_device(device)
+        dt = parse_dtype(dtype, dev)
+        parts = loaders.load_parts(source or "tiny", device=dev, dtype=dt, text_encoder=text_encoder, vae=vae,
+                                   lora=lora, stream=stream)
+        return cls(parts.model, parts.text_encoder, parts.vae, parts.config, device=dev, dtype=dt,
+                   attention_backend=attention_backend, fps=parts.fps, name=parts.name,
+                   default_rewards=parts.default_rewards, **kwargs)
+
+    # -- generation -------------------------------------------------------------------------------
+    def _check_request(self, prompt, num_chunks, seed, search, height, width):
+        require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
+        require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
+                f"num_chunks must be a positive integer, got {num_chunks!r}")
+        stream = self.config.stream
+        max_chunks = min(MAX_CHUNKS, stream.max_frames // stream.chunk_frames)
+        require(num_chunks <= max_chunks, f"num_chunks {num_chunks} is too large: at most {max_chunks} "
+                                          f"({stream.max_frames} latent frames of RoPE positions)")
+        require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**62,
+                f"seed must be an integer in [0, 2**62), got {seed!r}")
+        if isinstance(search, str):
+            search = SearchConfig(strategy=search)
+        require(isinstance(search, SearchConfig), f"search must be a strategy name or SearchConfig, got {search!r}")
+        factor = self.vae.spatial_factor
+        ph, pw = self.config.model.patch_size[1:]
+        lh, lw = stream.latent_height, stream.latent_width
+        if height is not None or width is not None:
+            height = height if height is not None else lh * factor
+            width = width if width is not None else lw * factor
+            require(isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0,
+                    "height and width must be positive integers")
+            require(height % (factor * ph) == 0 and width % (factor * pw) == 0,
+                    f"frame size {height}x{width} must be divisible by {factor * ph}x{factor * pw} "
+                    f"(VAE factor {factor} x patch {ph}x{pw})")
+            lh, lw = height // factor, width // factor
+        return search, dataclasses.replace(stream, latent_height=lh, latent_width=lw)
+
+    def _rewards(self, search: SearchConfig, short_reward, long_reward, final_reward):
+        if not search.uses_rewards:
+            return None, None, None
+        from .rewards import build_reward, default_long_reward, default_short_reward
+
+        def pick(given, key, default):
+            if given is not None:
+                return build_reward(given)
+            if key in self.default_rewards:
+                return build_reward(self.default_rewards[key])
+            return default()
+
+        short = pick(short_reward, "short", default_short_reward)
+        long = pick(long_reward, "long", default_long_reward)
+        final = build_reward(final_reward) if final_reward is not None else long
+        return short, long, final
+
+    def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
+               short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
+               width: int | None = None, progress: Callable[[int, int], None] | None = None,
+               _result: dict | None = None) -> Iterator[StreamChunk]:
+        """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick."""
+        search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
+        short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
+        timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=False)
+        started = time.perf_counter()
+        with torch.inference_mode(), timer.range("text_encode"):
+            text_states = self.text_encoder.encode([prompt]).to(self.device)
+            text = self.model.encode_text(text_states)
+        pages = PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates)
+        merge_backend = "triton" if self.backend == "triton" else "torch"
+        cache = PagedKVCache(self.config.model, stream_cfg, pages, self.device, self.dtype, merge_backend)
+        latent_shape = (self.config.model.in_channels, stream_cfg.chunk_frames, stream_cfg.latent_height,
+                        stream_cfg.latent_width)
+        runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt, search=search,
+                            schedule=self.schedule, num_chunks=num_chunks, seed=seed, latent_shape=latent_shape,
+                            short_reward=short, long_reward=long, attention_backend=self.backend,
+                            context_timestep=self.config.sampler.context_timestep, hooks=timer)
+        emitted = 0
+        try:
+            for c in range(num_chunks):
+                with torch.inference_mode():
+                    runner.step()
+                if progress is not None:
+                    progress(c + 1, num_chunks)
+                final_nodes = runner.final_chunks() if c + 1 < num_chunks else []
+                for node in final_nodes[emitted:]:
+                    yield _to_stream_chunk(node)
+                emitted = max(emitted, len(final_nodes))
+            with torch.inference_mode(), timer.range("final_pick"):
+                best, beam_scores = runner.choose_final(final)
+            for node in runner.beams[best].node.lineage()[emitted:]:
+                yield _to_stream_chunk(node)
+            if _result is not None:
+                _result.update(
+                    records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
+                    search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
+                    device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                    attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
+                    kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
+                    stages=timer.summary())
+        finally:
+            runner.release()
+
+    def generate(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
+                 **kwargs) -> GenerationResult:
+        """Run the whole stream and return frames uint8 [T, H, W, 3], latents and the per-chunk records."""
+        info: dict[str, Any] = {}
+        chunks = list(self.stream(prompt, num_chunks=num_chunks, seed=seed, search=search, _result=info, **kwargs))
+        records = info.pop("records")
+        frames = torch.cat([c.frames for c in chunks])
+        latents = torch.cat([c.latents for c in chunks], dim=1)
+        info["chunk_seeds"] = [c.seed for c in chunks]
+        return GenerationResult(prompt, frames, latents, records, self.fps, info)
+
+
+def _to_stream_chunk(node) -> StreamChunk:
+    return StreamChunk(node.index, node.frames.cpu(), node.latents.float().cpu(), node.seed)
+
+
+__all__ = ["StreamT1Engine", "GenerationResult", "StreamChunk", "parse_device", "parse_dtype"]

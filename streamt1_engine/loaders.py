@@ -1,0 +1,126 @@
+"""Turn a model source (embedded name, engine directory, diffusers pipeline, or a bare DiT checkpoint plus
+text-encoder and VAE sources) into the parts the engine needs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
+from .errors import StreamT1Error, require
+from .model.wan import CausalWanDiT
+
+ENGINE_FORMAT = "streamt1-engine"
+ENGINE_CONFIG_FILE = "streamt1.json"
+BUILTIN_DIR = Path(__file__).parent / "assets" / "tiny"
+WAN_STREAM = StreamConfig()  # Self-Forcing / LongLive layout at 480x832
+
+
+@dataclass
+class ModelParts:
+    model: CausalWanDiT
+    text_encoder: object
+    vae: object
+    config: EngineConfig
+    fps: int
+    name: str
+    default_rewards: dict = field(default_factory=dict)
+
+
+def random_tiny_parts(device, dtype, seed: int = 0) -> ModelParts:
+    """A deterministic random-weight tiny model: exercises every code path in seconds, makes no sense."""
+    from .text_encoders import HashedTextEncoder
+    from .vae import SpaceToDepthVAE
+
+    model_cfg = WanConfig.tiny(in_channels=48, out_channels=48, text_dim=32, text_len=16)
+    stream = StreamConfig(chunk_frames=3, window_frames=12, sink_frames=3, max_sink_frames=9,
+                          latent_height=8, latent_width=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CausalWanDiT(model_cfg, max_frames=stream.max_frames)
+    text = HashedTextEncoder(model_cfg.text_dim, model_cfg.text_len, seed=seed)
+    vae = SpaceToDepthVAE(4, device=device, dtype=torch.float32)
+    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, SamplerConfig()), fps=8, name="random-tiny")
+
+
+def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
+    from .model.loading import load_dit
+    from .text_encoders import build_text_encoder
+    from .vae import build_vae
+
+    try:
+        spec = json.loads((directory / ENGINE_CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise StreamT1Error(f"{directory / ENGINE_CONFIG_FILE} is not valid JSON: {exc}") from None
+    require(spec.get("format") == ENGINE_FORMAT, f"{directory / ENGINE_CONFIG_FILE} is not a {ENGINE_FORMAT} config")
+    for key in ("model", "text_encoder", "vae"):
+        require(key in spec, f"{directory / ENGINE_CONFIG_FILE} lacks the {key!r} section")
+    model_cfg = WanConfig.from_dict(spec["model"])
+    stream = StreamConfig(**spec.get("stream", {}))
+    sampler_spec = dict(spec.get("sampler", {}))
+    if "denoising_steps" in sampler_spec:
+        sampler_spec["denoising_steps"] = tuple(sampler_spec["denoising_steps"])
+    sampler = SamplerConfig(**sampler_spec)
+    weights = directory / spec.get("weights", "dit.safetensors")
+    require(weights.exists(), f"missing weights file {weights}")
+    model = load_dit(str(weights), config=model_cfg, fmt="original", lora=lora, device="cpu", dtype=torch.float32,
+                     max_frames=stream.max_frames)
+    text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
+    vae = build_vae(spec["vae"], directory, device, torch.float32)
+    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=int(spec.get("fps", 16)),
+                      name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
+
+
+def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None,
+               stream: StreamConfig | None = None) -> ModelParts:
+    if source == "tiny":
+        _register_builtin_components()
+        if (BUILTIN_DIR / ENGINE_CONFIG_FILE).exists():
+            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora)
+            parts.name = "tiny"
+        else:
+            parts = random_tiny_parts(device, dtype)
+    elif source == "random-tiny":
+        parts = random_tiny_parts(device, dtype)
+    else:
+        from .hub import resolve_model_dir
+
+        path = resolve_model_dir(source)
+        if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
+            _register_builtin_components()
+            parts = _engine_dir_parts(path, device, dtype, lora)
+        else:
+            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora)
+    if stream is not None:
+        parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
+    return parts
+
+
+def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) -> ModelParts:
+    """A Wan-architecture DiT from diffusers / original Wan / Self-Forcing / LongLive files."""
+    from .model.loading import load_dit
+    from .text_encoders import build_text_encoder
+    from .vae import build_vae
+
+    is_pipeline = path.is_dir() and (path / "model_index.json").exists()
+    if not is_pipeline:
+        require(text_encoder is not None and vae is not None,
+                f"{source!r} is a bare DiT checkpoint: pass text_encoder= and vae= (e.g. a Wan2.1 diffusers "
+                f"pipeline directory or hub id)")
+    # LongLive trains its LoRA on the non-EMA generator, Self-Forcing samples with the EMA weights
+    model = load_dit(str(path), lora=lora, use_ema=lora is None, device="cpu", dtype=torch.float32,
+                     max_frames=WAN_STREAM.max_frames)
+    text = build_text_encoder({"type": "umt5", "path": str(text_encoder or path)}, None, device, dtype)
+    decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, torch.float32)
+    return ModelParts(model, text, decoder, EngineConfig(model.config, WAN_STREAM, SamplerConfig()), fps=16,
+                      name=source)
+
+
+def _register_builtin_components() -> None:
+    """The embedded model's own component types register themselves on import."""
+    try:
+        import streamt1_engine.tiny  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - only if the package is broken
+        raise StreamT1Error(f"the embedded model's components failed to import: {exc}") from None

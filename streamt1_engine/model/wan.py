@@ -1,0 +1,284 @@
+"""Causal Wan2.1 DiT that denoises one chunk per call against a paged, shared KV cache.
+
+Parameter names follow the original Wan code (the names Self-Forcing, CausVid and LongLive checkpoints
+use under their ``model.`` prefix), so loading those is a prefix strip; diffusers names are mapped in
+``loading.py``. The model holds no cache state: the pool, page tables and write targets come in a
+``ChunkAttention`` per call, which keeps N candidates of one chunk a single batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import WanConfig
+from ..errors import require
+from ..kernels.paged_attention import paged_attention
+from ..kernels.qk_norm_rope import qk_norm_rope
+from .rope import Rope3D
+
+
+@dataclass
+class KVPool:
+    """Preallocated K/V pages of every layer: [L, P, T, H, D]; keys pre-RoPE in half-split layout."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    page_frame_pos: torch.Tensor  # [P] int32, latent-frame index of each page's first frame
+
+    @classmethod
+    def allocate(cls, cfg: WanConfig, num_pages: int, page_tokens: int, device, dtype) -> "KVPool":
+        shape = (cfg.num_layers, num_pages, page_tokens, cfg.num_heads, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(num_pages, device=device, dtype=torch.int32))
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class ChunkAttention:
+    """What one batched chunk forward reads and writes in the cache (all device tensors).
+
+    page_table [N, M] / num_pages [N]: cached pages each candidate attends to (sink first, then window);
+    frame_start [N]: latent-frame index of the chunk; write_pages [N] or None: pages that receive the
+    chunk's pre-RoPE keys and values (the clean context pass).
+    """
+
+    pool: KVPool | None
+    page_table: torch.Tensor
+    num_pages: torch.Tensor
+    frame_start: torch.Tensor
+    write_pages: torch.Tensor | None = None
+    backend: str = "torch"
+    dense_mask: torch.Tensor | None = None  # [L, L] bool, only without a pool (training / references)
+    frame_positions: torch.Tensor | None = None  # [N, F] explicit RoPE frame positions (overrides frame_start)
+
+    @classmethod
+    def dense(cls, batch: int, device, mask: torch.Tensor | None = None, frame_start: int = 0,
+              frame_positions: torch.Tensor | None = None) -> "ChunkAttention":
+        """Attention among the call's own tokens only (no cache), optionally masked and with explicit
+        frame positions (e.g. teacher forcing: clean frames then noisy frames at the same positions)."""
+        empty = torch.zeros(batch, 0, dtype=torch.int32, device=device)
+        start = torch.full((batch,), frame_start, dtype=torch.long, device=device)
+        return cls(None, empty, torch.zeros(batch, dtype=torch.int32, device=device), start, dense_mask=mask,
+                   frame_positions=frame_positions)
+
+
+@dataclass
+class ChunkRope:
+    """RoPE of the chunk's own tokens (cos/sin [N, L, D/2]) and the tables that rotate cached pages."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    frame_cos: torch.Tensor
+    frame_sin: torch.Tensor
+    spatial_cos: torch.Tensor
+    spatial_sin: torch.Tensor
+    frame_tokens: int
+
+
+@dataclass
+class TextContext:
+    """Cross-attention keys/values of one prompt for every layer, computed once per prompt."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([B, Lt, H, D], [B, Lt, H, D]), B = 1 or N
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.double()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32, as Wan does."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.eps = cfg.eps
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x, rope: ChunkRope, attn: ChunkAttention, layer: int):
+        backend = "triton" if attn.backend == "triton" else "torch"
+        q_rot, k_pre, k_rot = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.eps,
+                                           self.num_heads, rope.cos, rope.sin, backend=backend)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        pool = attn.pool
+        if attn.write_pages is not None:
+            require(pool is not None, "a KV pool is needed to write the context pass")
+            pool.k[layer].index_copy_(0, attn.write_pages, k_pre.to(pool.k.dtype))
+            pool.v[layer].index_copy_(0, attn.write_pages, v.to(pool.v.dtype))
+        if pool is None:
+            out = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2).to(q_rot.dtype),
+                                                 v.transpose(1, 2), attn_mask=attn.dense_mask)
+            out = out.transpose(1, 2)
+        else:
+            out = paged_attention(q_rot, k_rot, v, pool.k[layer], pool.v[layer], attn.page_table, attn.num_pages,
+                                  pool.page_frame_pos, rope.frame_cos, rope.frame_sin, rope.spatial_cos,
+                                  rope.spatial_sin, rope.frame_tokens, backend=attn.backend)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor]):
+        n = x.shape[0]
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k, v = (t.expand(n, -1, -1, -1).transpose(1, 2) for t in kv)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, text_kv, rope: ChunkRope, attn: ChunkAttention, layer: int):
+        # e: [N, 1 or L, 6, dim] -> six [N, 1 or L, dim] modulations
+        mods = (self.modulation.float()[:, None] + e).unbind(2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
+        y = self.self_attn(h, rope, attn, layer)
+        x = (x.float() + y.float() * gate1).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x).to(x.dtype), text_kv)
+        h = (self.norm2(x) * (1 + scale2) + shift2).to(x.dtype)
+        x = (x.float() + self.ffn(h).float() * gate2).to(x.dtype)
+        return x
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        # e: [N, 1 or L, dim]
+        shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)
+        return self.head((self.norm(x) * (1 + scale) + shift).to(x.dtype))
+
+
+class CausalWanDiT(nn.Module):
+    def __init__(self, cfg: WanConfig, max_frames: int = 4096):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+        self._max_frames = max_frames
+        self._rope: Rope3D | None = None
+
+    @property
+    def rope(self) -> Rope3D:
+        device = self.patch_embedding.weight.device
+        if self._rope is None or self._rope.frame_cos.device != device:
+            self._rope = Rope3D(self.config.head_dim, self.config.rope_theta, self._max_frames, device=device)
+        return self._rope
+
+    @torch.no_grad()
+    def encode_text(self, text_states: torch.Tensor) -> TextContext:
+        """text_states [B, Lt, text_dim] (already zero-padded to text_len) -> per-layer cross K/V."""
+        dtype = self.patch_embedding.weight.dtype
+        context = self.text_embedding(text_states.to(dtype))
+        return TextContext([blk.cross_attn.text_kv(context) for blk in self.blocks])
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextContext,
+                attn: ChunkAttention) -> torch.Tensor:
+        """latents [N, C, F, H, W], timestep [N] or per frame [N, F] -> predicted flow, same shape.
+
+        One chunk against the cache in ``attn``; with ``ChunkAttention.dense`` and a block-causal mask the
+        same call runs several chunks at once (training, reference checks).
+        """
+        cfg = self.config
+        n, c, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        require(c == cfg.in_channels, f"latents have {c} channels, the model expects {cfg.in_channels}")
+        require(height % ph == 0 and width % pw == 0,
+                f"latent size {height}x{width} is not divisible by the patch size {ph}x{pw}")
+        grid_h, grid_w = height // ph, width // pw
+        frame_tokens = grid_h * grid_w
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        timestep = timestep.to(x.device)
+        per_frame = timestep.dim() == 2
+        t_flat = timestep.reshape(-1)
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t_flat).to(dtype))
+        e_blocks = self.time_projection(e).unflatten(-1, (6, cfg.dim)).float()
+        if per_frame:
+            e = e.view(n, frames, -1).repeat_interleave(grid_h * grid_w, dim=1)
+            e_blocks = e_blocks.view(n, frames, 6, cfg.dim).repeat_interleave(grid_h * grid_w, dim=1)
+        else:
+            e, e_blocks = e[:, None], e_blocks[:, None]
+        tables = self.rope
+        if attn.frame_positions is not None:
+            cos, sin = tables.token_tables(attn.frame_positions.to(x.device), grid_h, grid_w)
+        else:
+            cos, sin = tables.chunk_tables(attn.frame_start.to(x.device), frames, grid_h, grid_w)
+        scos, ssin = tables.spatial_tables(grid_h, grid_w)
+        rope = ChunkRope(cos, sin, tables.frame_cos, tables.frame_sin, scos, ssin, frame_tokens)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, e_blocks, text.kv[layer], rope, attn, layer)
+        out = self.head(x, e)
+        out = out.view(n, frames, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_channels, frames * pt, height, width)
+        return out

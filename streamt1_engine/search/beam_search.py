@@ -1,0 +1,294 @@
+"""Stream-T1 search over chunks: candidates of all beams denoise as one batch against the shared cache.
+
+One ``step`` per chunk: fork B children per beam (B*K for the first chunk), draw their noise (propagated
+from the parent's), denoise all of them together, decode each once from its parent's VAE state, score
+short- and long-term rewards, keep the top K, run the clean context pass for the survivors only, route
+their pages for memory sinking, and release everything the pruned candidates referenced at once.
+``none`` and ``best_of_n`` are the same loop with other shapes and units switched off.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..cache import BeamPages, PagedKVCache, RouteFlag
+from ..errors import StreamT1Error
+from ..model.wan import ChunkAttention, TextContext
+from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
+from .config import SearchConfig
+from .noise import draw_chunk_noise, propagate_noise
+
+
+@dataclass
+class ChunkNode:
+    """One generated chunk; beams that descend from it share the node (and its cache page)."""
+
+    index: int
+    seed: int
+    parent: "ChunkNode | None"
+    latents: torch.Tensor  # [C, F, h, w] float32, device
+    frames: torch.Tensor  # [T, H, W, 3] uint8, device
+    initial_noise: torch.Tensor  # [C, F, h, w], what noise propagation hands to children
+    short: float | None = None
+    long: float | None = None
+    hybrid: float | None = None
+    flag: RouteFlag = RouteFlag.DISCARD
+
+    def lineage(self) -> list["ChunkNode"]:
+        nodes, node = [], self
+        while node is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+@dataclass
+class Beam:
+    node: ChunkNode | None
+    pages: BeamPages
+    short_history: list[float] = field(default_factory=list)
+    last_long: float | None = None
+
+
+@dataclass
+class ChunkRecord:
+    """What happened at one chunk: enough to audit the search afterwards (also written to JSON)."""
+
+    index: int
+    candidate_seeds: list[int]
+    candidate_parents: list[int]
+    short_scores: list[float] | None
+    long_scores: list[float] | None
+    hybrid_scores: list[float] | None
+    hybrid_weight: float | None
+    survivors: list[int]
+    route_flags: list[str]
+    sink_frames: list[int]
+    window_frames: list[int]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def hybrid_weight(start_frame: int, total_frames: int, chunk_frames: int, cap: float) -> float:
+    denom = total_frames - chunk_frames
+    return 0.0 if denom <= 0 else min(cap, start_frame / denom)
+
+
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+
+
+def to_float(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., T, H, W, 3] -> float [..., T, 3, H, W] in [0, 1]."""
+    return frames_u8.movedim(-1, -3).float() / 255.0
+
+
+RewardFn = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def score_batch(reward: RewardFn, frames: torch.Tensor, prompt: str) -> torch.Tensor:
+    scores = reward(frames, prompt)
+    name = getattr(reward, "name", getattr(reward, "__name__", type(reward).__name__))
+    if not isinstance(scores, torch.Tensor) or scores.shape != (frames.shape[0],):
+        raise StreamT1Error(f"reward {name!r} must return a tensor of shape [{frames.shape[0]}], "
+                            f"got {getattr(scores, 'shape', type(scores).__name__)}")
+    scores = scores.float()
+    if not torch.isfinite(scores).all():
+        raise StreamT1Error(f"reward {name!r} returned non-finite scores")
+    return scores
+
+
+class BeamSearch:
+    """Runs one prompt's stream; ``step()`` generates one chunk for every beam."""
+
+    def __init__(self, *, model, vae, cache: PagedKVCache, text: TextContext, prompt: str, search: SearchConfig,
+                 schedule: Schedule, num_chunks: int, seed: int, latent_shape: tuple[int, int, int, int],
+                 short_reward: RewardFn | None, long_reward: RewardFn | None, attention_backend: str,
+                 context_timestep: float = 0.0, hooks=None):
+        self.model, self.vae, self.cache, self.text = model, vae, cache, text
+        self.prompt, self.search, self.schedule = prompt, search, schedule
+        self.num_chunks, self.seed = num_chunks, seed
+        self.latent_shape = latent_shape  # (C, F, h, w) of one chunk
+        self.short_reward, self.long_reward = short_reward, long_reward
+        self.backend = attention_backend
+        self.context_timestep = context_timestep
+        self.hooks = hooks
+        self.device = cache.pool.k.device
+        self.beams = [Beam(None, BeamPages())]
+        self.vae_state: Any = None  # batched over beams, in beam order
+        self.records: list[ChunkRecord] = []
+        self.chunk_index = 0
+        self._next_seed = seed + search.first_chunk_candidates
+        self._rng = random.Random(seed)
+        if search.uses_rewards and (short_reward is None or long_reward is None):
+            raise StreamT1Error(f"search {search.strategy!r} needs a short-term and a long-term reward")
+
+    # -- candidate construction -------------------------------------------------------------------
+    def _candidate_seeds(self) -> tuple[list[int], list[int]]:
+        if self.chunk_index == 0:
+            n = self.search.first_chunk_candidates
+            return [self.seed + j for j in range(n)], [0] * n
+        seeds, parents = [], []
+        for k, beam in enumerate(self.beams):
+            for j in range(self.search.children_per_beam):
+                if j == 0:
+                    seeds.append(beam.node.seed)
+                else:
+                    seeds.append(self._next_seed)
+                    self._next_seed += 1
+                parents.append(k)
+        return seeds, parents
+
+    def _noise(self, seeds: list[int], parents: list[int]) -> ChunkNoise:
+        noise = draw_chunk_noise(seeds, self.chunk_index, self.latent_shape, self.schedule.num_steps, self.device)
+        if self.search.propagates_noise and self.chunk_index > 0:
+            parent_noise = torch.stack([self.beams[p].node.initial_noise for p in parents])
+            noise.initial = propagate_noise(parent_noise, noise.initial, self.search.noise_sigma)
+        return noise
+
+    def _attention(self, parent_beams: list[Beam], write_pages=None) -> ChunkAttention:
+        table, counts = self.cache.page_table([b.pages for b in parent_beams])
+        start = torch.full((len(parent_beams),), self.chunk_index * self.latent_shape[1], dtype=torch.long,
+                           device=self.device)
+        return ChunkAttention(self.cache.pool, table, counts, start, write_pages, backend=self.backend)
+
+    def _range(self, name: str):
+        return self.hooks.range(name) if self.hooks is not None else _nullcontext()
+
+    # -- scoring and selection --------------------------------------------------------------------
+    def _window_video(self, parent_beams: list[Beam], frames_u8: torch.Tensor) -> torch.Tensor:
+        """Each candidate's last ``window_chunks`` chunks as one clip, reusing decoded parent frames."""
+        clips = []
+        for beam, own in zip(parent_beams, frames_u8):
+            history = beam.node.lineage()[-(self.search.window_chunks - 1):] if (
+                beam.node is not None and self.search.window_chunks > 1) else []
+            clips.append(torch.cat([n.frames for n in history] + [own], dim=0))
+        return to_float(torch.stack(clips))
+
+    def _select(self, hybrid: torch.Tensor | None, n: int) -> list[int]:
+        k = min(self.search.survivors, n)
+        if hybrid is None:
+            return list(range(k))
+        if not self.search.reward_pruning:
+            return sorted(self._rng.sample(range(n), k))
+        values = hybrid.tolist()
+        return sorted(range(n), key=lambda i: (-values[i], i))[:k]
+
+    def _route(self, parent: Beam, short: float | None, long: float | None) -> RouteFlag:
+        if not self.search.sinks_memory or self.chunk_index == 0 or short is None:
+            return RouteFlag.DISCARD
+        recent = parent.short_history[-self.search.window_chunks:]
+        short_high = bool(recent) and short - sum(recent) / len(recent) > self.search.short_threshold
+        long_low = parent.last_long is not None and parent.last_long - long > self.search.long_threshold
+        if short_high and not long_low:
+            return RouteFlag.EMA
+        if short_high and long_low:
+            return RouteFlag.APPEND
+        return RouteFlag.DISCARD
+
+    # -- one chunk --------------------------------------------------------------------------------
+    def step(self) -> ChunkRecord:
+        search, c = self.search, self.chunk_index
+        seeds, parents = self._candidate_seeds()
+        parent_beams = [self.beams[p] for p in parents]
+        n = len(seeds)
+        noise = self._noise(seeds, parents)
+        with self._range("denoise"):
+            x0 = denoise_chunk(self.model, self.schedule, noise, self.text, self._attention(parent_beams))
+        with self._range("vae_decode"):
+            state = None
+            if self.vae_state is not None:
+                state = self.vae.select_state(self.vae_state, torch.tensor(parents, device=self.device))
+            frames, new_state = self.vae.decode_chunk(x0, state)
+        frames_u8 = to_uint8(frames)
+
+        short = long = hybrid = None
+        weight = None
+        if search.uses_rewards:
+            with self._range("rewards"):
+                short = score_batch(self.short_reward, to_float(frames_u8), self.prompt)
+                long = score_batch(self.long_reward, self._window_video(parent_beams, frames_u8), self.prompt)
+                chunk_frames = self.latent_shape[1]
+                weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
+                                       search.fusion_cap)
+                hybrid = weight * short + (1 - weight) * long
+        survivors = self._select(hybrid, n)
+        short_l = short.tolist() if short is not None else None
+        long_l = long.tolist() if long is not None else None
+        hybrid_l = hybrid.tolist() if hybrid is not None else None
+
+        # clean context pass for the survivors only, writing one fresh page each
+        surv_parents = [parent_beams[i] for i in survivors]
+        idx = torch.tensor(survivors, device=self.device)
+        with self._range("context_pass"):
+            write = self.cache.new_chunk_pages(len(survivors), c * self.latent_shape[1])
+            context_pass(self.model, x0[idx], self.text, self._attention(surv_parents, write), self.context_timestep)
+
+        with self._range("routing"):
+            new_beams = []
+            for slot, i in enumerate(survivors):
+                parent = parent_beams[i]
+                s_i = short_l[i] if short_l is not None else None
+                l_i = long_l[i] if long_l is not None else None
+                flag = self._route(parent, s_i, l_i)
+                node = ChunkNode(c, seeds[i], parent.node, x0[i], frames_u8[i], noise.initial[i], s_i, l_i,
+                                 hybrid_l[i] if hybrid_l is not None else None, flag)
+                pages = self.cache.fork(parent.pages)
+                history = parent.short_history + ([s_i] if s_i is not None else [])
+                new_beams.append((Beam(node, pages, history, l_i), int(write[slot])))
+            for beam in self.beams:
+                self.cache.drop(beam.pages)
+            self.vae_state = self.vae.select_state(new_state, idx) if new_state is not None else None
+            self.beams = []
+            for beam, page in new_beams:
+                self.cache.commit(beam.pages, page, beam.node.flag)
+                self.beams.append(beam)
+            self.cache.flush(search.ema_alpha)
+
+        chunk_frames = self.latent_shape[1]
+        record = ChunkRecord(
+            index=c, candidate_seeds=seeds, candidate_parents=parents if c > 0 else [-1] * n,
+            short_scores=short_l, long_scores=long_l, hybrid_scores=hybrid_l, hybrid_weight=weight,
+            survivors=survivors, route_flags=[b.node.flag.name for b in self.beams],
+            sink_frames=[len(b.pages.sink) * chunk_frames for b in self.beams],
+            window_frames=[len(b.pages.window) * chunk_frames for b in self.beams])
+        self.records.append(record)
+        self.chunk_index += 1
+        return record
+
+    # -- results ----------------------------------------------------------------------------------
+    def final_chunks(self) -> list[ChunkNode]:
+        """Chunks every beam agrees on (the common prefix of all lineages): safe to stream out."""
+        lineages = [b.node.lineage() for b in self.beams]
+        common = []
+        for nodes in zip(*lineages):
+            if all(n is nodes[0] for n in nodes):
+                common.append(nodes[0])
+            else:
+                break
+        return common
+
+    def choose_final(self, final_reward: RewardFn | None) -> tuple[int, list[float] | None]:
+        if len(self.beams) == 1 or final_reward is None:
+            return 0, None
+        videos = torch.stack([to_float(torch.cat([n.frames for n in b.node.lineage()])) for b in self.beams])
+        scores = score_batch(final_reward, videos, self.prompt).tolist()
+        return max(range(len(scores)), key=lambda i: (scores[i], -i)), scores
+
+    def release(self) -> None:
+        for beam in self.beams:
+            self.cache.drop(beam.pages)
+        self.beams = []
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,206 @@
+"""The embedded tiny model: its shapes, loading the shipped weights, and a reference dense sampler.
+
+The dense sampler runs the same semantics as the engine (block-causal chunks, clean context at timestep
+0, warped few-step flow matching with re-noising) with plain masked attention; it is what training,
+tests and the quality checks use independently of the engine's paged cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SamplerConfig, StreamConfig, WanConfig
+from ..errors import require
+from ..model.wan import CausalWanDiT, ChunkAttention
+from .text_encoder import TinyTextEncoder, load_tiny_text_encoder
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+FRAME_SIZE = 32
+VAE_FACTOR = 4
+FPS = 8
+
+
+def tiny_wan_config() -> WanConfig:
+    return WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=4, in_channels=48, out_channels=48,
+                     text_dim=64, text_len=16, freq_dim=64)
+
+
+def tiny_stream_config() -> StreamConfig:
+    latent = FRAME_SIZE // VAE_FACTOR
+    return StreamConfig(chunk_frames=3, window_frames=12, sink_frames=3, max_sink_frames=9,
+                        latent_height=latent, latent_width=latent)
+
+
+def tiny_sampler_config() -> SamplerConfig:
+    return SamplerConfig(denoising_steps=(1000.0, 750.0, 500.0, 250.0), shift=5.0)
+
+
+def warp_timesteps(steps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
+    """Self-Forcing's warp of the nominal denoising steps through the shifted sigma schedule."""
+    out = []
+    for t in steps:
+        sigma = t / num_train_timesteps
+        out.append(num_train_timesteps * shift * sigma / (1 + (shift - 1) * sigma))
+    return out
+
+
+class LocalSpaceToDepth:
+    """Frames [B, T, 3, H, W] in [0, 1] <-> latents [B, 3 f f, T, H/f, W/f] in [-1, 1] (pixel unshuffle).
+
+    Used only when ``streamt1_engine.vae`` is not importable; the engine's ``SpaceToDepthVAE`` is the
+    reference and must lay out channels the same way.
+    """
+
+    def __init__(self, factor: int):
+        self.factor = factor
+        self.latent_channels = 3 * factor * factor
+        self.spatial_factor = factor
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        b, t = video.shape[:2]
+        lat = F.pixel_unshuffle(video.flatten(0, 1), self.factor) * 2 - 1
+        return lat.unflatten(0, (b, t)).transpose(1, 2)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, t = latents.shape[:3]
+        frames = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), self.factor)
+        return ((frames + 1) / 2).clamp(0, 1).unflatten(0, (b, t))
+
+
+def space_to_depth_vae(factor: int = VAE_FACTOR):
+    try:
+        from ..vae import SpaceToDepthVAE
+    except ImportError:
+        return LocalSpaceToDepth(factor)
+    return SpaceToDepthVAE(factor)
+
+
+def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
+    return vae.encode(frames)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """latents [B, C, F, h, w] -> frames [B, F, 3, H, W] in [0, 1], whichever space-to-depth VAE is used."""
+    if hasattr(vae, "decode"):
+        return vae.decode(latents).clamp(0, 1)
+    frames, _ = vae.decode_chunk(latents, None)
+    return frames.clamp(0, 1)
+
+
+def teacher_forcing_mask(num_frames: int, chunk_frames: int, frame_tokens: int, device=None) -> torch.Tensor:
+    """bool [2L, 2L] over [clean frames | noisy frames]: clean frames attend block-causally among clean
+    frames; each noisy chunk attends to the clean chunks before it and to itself."""
+    chunk = torch.arange(num_frames, device=device) // chunk_frames
+    clean_clean = chunk[None, :] <= chunk[:, None]
+    noisy_clean = chunk[None, :] < chunk[:, None]
+    noisy_noisy = chunk[None, :] == chunk[:, None]
+    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
+    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
+    frames = torch.cat([top, bottom], dim=0)
+    return frames.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+
+
+@dataclass
+class TinyModel:
+    dit: CausalWanDiT
+    text_encoder: TinyTextEncoder
+    vae: object
+    stream: StreamConfig
+    sampler: SamplerConfig
+    config: dict
+
+    @property
+    def frame_tokens(self) -> int:
+        ph, pw = self.dit.config.patch_size[1:]
+        return (self.stream.latent_height // ph) * (self.stream.latent_width // pw)
+
+
+def build_tiny_model(dit_config: WanConfig | None = None, text_config: dict | None = None, seed: int | None = None):
+    """A randomly initialised model of the shipped shapes (training start, and the tests' baseline)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    dit = CausalWanDiT(dit_config or tiny_wan_config())
+    text_encoder = TinyTextEncoder(**(text_config or {}))
+    return TinyModel(dit, text_encoder, space_to_depth_vae(), tiny_stream_config(), tiny_sampler_config(), {})
+
+
+def load_tiny_model(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> TinyModel:
+    """Load an engine-format model dir written by ``tiny.train`` (default: the weights shipped inside the
+    package)."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else ASSET_DIR
+    config_file = path / "streamt1.json"
+    require(config_file.is_file(), f"no streamt1.json in {path}")
+    config = json.loads(config_file.read_text())
+    require(config.get("format") == "streamt1-engine", f"{config_file} is not a streamt1-engine config")
+    dit = CausalWanDiT(WanConfig.from_dict(config["model"]))
+    weights = path / config.get("weights", "dit.safetensors")
+    require(weights.is_file(), f"DiT weights not found: {weights}")
+    missing, unexpected = dit.load_state_dict(load_file(str(weights)), strict=False)
+    require(not missing and not unexpected,
+            f"{weights} does not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    dit = dit.to(device=device, dtype=dtype).eval()
+    text_encoder = load_tiny_text_encoder(config["text_encoder"], path, device, dtype)
+    stream = StreamConfig(**config["stream"])
+    sampler = SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["sampler"].items()})
+    return TinyModel(dit, text_encoder, space_to_depth_vae(config["vae"].get("factor", VAE_FACTOR)), stream,
+                     sampler, config)
+
+
+@torch.no_grad()
+def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed: int = 0,
+                 steps: list[float] | None = None, return_latents: bool = False) -> torch.Tensor:
+    """Generate videos chunk by chunk with dense masked attention; frames [B, T, 3, H, W] in [0, 1].
+
+    Every chunk attends to the first chunk (the sink) and the chunks of the local window at their true
+    frame positions, and is denoised by the warped few-step schedule with fresh noise between steps.
+    """
+    dit, stream = model.dit, model.stream
+    device = dit.patch_embedding.weight.device
+    dtype = dit.patch_embedding.weight.dtype
+    b, c = len(prompts), dit.config.in_channels
+    cf, h, w = stream.chunk_frames, stream.latent_height, stream.latent_width
+    if steps is None:
+        sc = model.sampler
+        steps = warp_timesteps(sc.denoising_steps, sc.shift, sc.num_train_timesteps) if sc.warp_denoising_steps \
+            else list(sc.denoising_steps)
+    text = dit.encode_text(model.text_encoder.encode(prompts).to(device, dtype))
+    gen = torch.Generator().manual_seed(seed)
+    window_chunks = stream.window_frames // cf - 1
+    chunks: list[torch.Tensor] = []
+    for k in range(num_chunks):
+        context_ids = sorted(set(range(max(0, k - window_chunks), k)) | ({0} if k > 0 else set()))
+        context = [chunks[i] for i in context_ids]
+        positions = [i * cf + j for i in context_ids for j in range(cf)] + [k * cf + j for j in range(cf)]
+        x = torch.randn(b, c, cf, h, w, generator=gen).to(device, dtype)
+        for i, t in enumerate(steps):
+            flow = _chunk_flow(dit, context, x, t, text, positions, model.frame_tokens)
+            x0 = x - (t / 1000.0) * flow
+            if i + 1 < len(steps):
+                s_next = steps[i + 1] / 1000.0
+                x = (1 - s_next) * x0 + s_next * torch.randn(x.shape, generator=gen).to(device, dtype)
+        chunks.append(x0)
+    latents = torch.cat(chunks, dim=2)
+    return latents if return_latents else decode_latents(model.vae, latents.float())
+
+
+def _chunk_flow(dit, context, x, t, text, positions, frame_tokens):
+    """One dense forward of [context chunks at timestep 0 | noisy chunk at t]; flow of the noisy chunk."""
+    b, cf = x.shape[0], x.shape[2]
+    inp = torch.cat(context + [x], dim=2)
+    frames = inp.shape[2]
+    ctx_frames = frames - cf
+    chunk = torch.tensor([i // cf for i in range(frames)], device=x.device)
+    visible = chunk[None, :] <= chunk[:, None]  # context block-causal, the noisy chunk sees everything
+    mask = visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+    timesteps = torch.zeros(b, frames, device=x.device)
+    timesteps[:, ctx_frames:] = t
+    pos = torch.tensor(positions, device=x.device)[None].expand(b, -1)
+    flow = dit(inp, timesteps, text, ChunkAttention.dense(b, x.device, mask, frame_positions=pos))
+    return flow[:, :, ctx_frames:]

@@ -1,0 +1,222 @@
+"""Fused paged attention against the reference, over the table layouts the cache manager produces."""
+import pytest
+import torch
+
+from kernel_testutil import DEVICE, HAS_CUDA, assert_close, random_tables
+from streamt1_engine.kernels.paged_attention import (BackendUnavailableError, paged_attention,
+                                                     paged_attention_naive)
+
+# Unused slots hold garbage that must never be dereferenced.
+GARBAGE = -1
+
+
+def make_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frames=2, frame_tokens=6,
+              lc=None, layers=2, seed=0, f_max=48, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    t = chunk_frames * frame_tokens
+    lc = lq if lc is None else lc
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    q, k_chunk, v_chunk = rnd(n, lq, h, d), rnd(n, lc, h, d), rnd(n, lc, h, d)
+    # Pools as a [L, P, T, H, D] allocation: the kernel sees the non-contiguous-in-L view of one layer.
+    k_pool, v_pool = rnd(layers, pool_pages, t, h, d), rnd(layers, pool_pages, t, h, d)
+    width = max([len(r) for r in tables] + [0])
+    rows = [list(r) + [GARBAGE] * (width - len(r)) for r in tables]
+    page_table = torch.tensor(rows, dtype=torch.int32).reshape(n, width).to(device)
+    num_pages = torch.tensor(counts, dtype=torch.int32, device=device)
+    page_frame_pos = torch.randint(0, f_max - chunk_frames + 4, (pool_pages,), generator=gen,
+                                   dtype=torch.int32).to(device)  # a few past F_max exercise the clamp
+    fc, fs = random_tables(f_max, d // 2, gen, device)
+    sc, ss = random_tables(frame_tokens, d // 2, gen, device)
+    layer = layers - 1
+    return (q, k_chunk, v_chunk, k_pool[layer], v_pool[layer], page_table, num_pages, page_frame_pos,
+            fc, fs, sc, ss, frame_tokens)
+
+
+# (N, Lq, D, page tables, num_pages); rows may be longer than num_pages (partially filled tables).
+CASES = {
+    "chunk-only-empty-table": (1, 5, 16, [[]], [0]),
+    "zero-pages": (3, 37, 16, [[3, 4], [GARBAGE], [7]], [0, 0, 0]),
+    "one-page": (1, 37, 32, [[5]], [1]),
+    "wrapped-scrambled": (1, 5, 32, [[6, 7, 0, 1]], [4]),
+    "ragged-shared": (3, 37, 16, [[6, 7, 0, 1], [2, 7, 5, GARBAGE], [1, GARBAGE, 9999, 3]], [4, 2, 1]),
+    "ragged-shared-d32": (3, 5, 32, [[0, 3, 7], [3, 0, GARBAGE], [7, 6, 5]], [3, 2, 3]),
+    "count-exceeds-width": (3, 5, 16, [[1, 2], [2, 1], [4, 4]], [5, 2, 7]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_naive(case, dtype):
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    n, lq, d, tables, counts = CASES[case]
+    args = make_case(n, lq, d, dtype, tables, counts)
+    expected = paged_attention_naive(*args)
+    out = torch.full_like(args[0], float("nan"))
+    got = paged_attention_triton(*args, out=out)
+    assert got is out
+    assert_close(got, expected, dtype)
+
+
+def _scenario_tables(scenario, n):
+    """Page tables per scenario for n candidates; rows mix shared, wrapped and scrambled page ids."""
+    if scenario == "none":
+        return [[] for _ in range(n)], [0] * n
+    if scenario == "zero":
+        return [[4, GARBAGE, 2]] * n, [0] * n
+    if scenario == "one":
+        return [[(5 + 2 * i) % 8, GARBAGE] for i in range(n)], [1] * n
+    base = [[6, 7, 0, 1], [7, 0, 3, GARBAGE], [1, 6, GARBAGE, 9999]]
+    return base[:n], [4, 3, 2][:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [16, 32])
+@pytest.mark.parametrize("lq", [5, 37])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("scenario", ["none", "zero", "one", "several"])
+def test_triton_grid(scenario, n, lq, d, dtype):
+    """T = 20 tokens per page straddles the 16-key tile of the test config: page tails are masked."""
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    tables, counts = _scenario_tables(scenario, n)
+    args = make_case(n, lq, d, dtype, tables, counts, chunk_frames=2, frame_tokens=10, seed=lq + d + n)
+    out = torch.full_like(args[0], float("nan"))
+    assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
+
+
+def test_triton_d64_chunk_length_differs_and_scale():
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    dtype = torch.float32
+    args = make_case(3, 21, 64, dtype, [[2, 5], [5], [1, 2]], [2, 1, 2], lc=11, h=1, frame_tokens=5,
+                     chunk_frames=3)
+    assert_close(paged_attention_triton(*args, scale=0.3), paged_attention_naive(*args, scale=0.3), dtype)
+
+
+def test_triton_noncontiguous_q_and_chunk():
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    dtype = torch.float16
+    args = list(make_case(3, 37, 32, dtype, [[6, 7, 0], [0, 1], [4]], [3, 2, 1], lc=37))
+    gen = torch.Generator().manual_seed(1)
+    # q/k/v as head-major views of one fused projection, the way a model may hand them over.
+    qkv = torch.randn(3, 3, 2, 37, 32, generator=gen).to(dtype).to(DEVICE)
+    args[0], args[1], args[2] = (qkv[:, i].transpose(1, 2) for i in range(3))
+    assert not args[0].is_contiguous()
+    assert_close(paged_attention_triton(*args), paged_attention_naive(*args), dtype)
+
+
+def test_triton_allocates_and_fills_output():
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    args = make_case(1, 37, 16, torch.float32, [[1, 0]], [2])
+    got = paged_attention_triton(*args)
+    assert got.shape == args[0].shape and got.dtype == args[0].dtype and got.is_contiguous()
+    assert_close(got, paged_attention_naive(*args), torch.float32)
+
+
+def test_triton_rejects_bad_head_dim():
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    args = make_case(1, 5, 16, torch.float32, [[1]], [1])
+    bad = [a[..., :12] if i < 5 else a for i, a in enumerate(args)]
+    with pytest.raises(ValueError):
+        paged_attention_triton(*bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "sdpa"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+def test_dispatch_backends_match_naive(backend, ragged):
+    dtype = torch.float32
+    counts = [2, 1, 0] if ragged else [2, 2, 2]
+    args = make_case(3, 5, 16, dtype, [[6, 7], [7, 1], [2, 3]], counts)
+    assert_close(paged_attention(*args, backend=backend), paged_attention_naive(*args), dtype)
+
+
+def test_sdpa_backend_fp16():
+    dtype = torch.float16
+    args = make_case(3, 5, 32, dtype, [[6, 7], [7, 1], [2, 3]], [2, 1, 2])
+    assert_close(paged_attention(*args, backend="sdpa"), paged_attention_naive(*args), dtype)
+
+
+def test_dispatch_rejects_unknown_backend():
+    args = make_case(1, 5, 16, torch.float32, [[1]], [1])
+    with pytest.raises(ValueError, match="unknown backend"):
+        paged_attention(*args, backend="cudnn")
+
+
+@pytest.mark.parametrize("backend,module", [("flash_attn", "flash_attn"), ("xformers", "xformers")])
+def test_missing_optional_backend_raises_clear_error(backend, module):
+    try:
+        __import__(module)
+        pytest.skip(f"{module} is installed")
+    except ImportError:
+        pass
+    args = make_case(1, 5, 16, torch.float16, [[1]], [1])
+    with pytest.raises(BackendUnavailableError, match="pip install"):
+        paged_attention(*args, backend=backend)
+    with pytest.raises(RuntimeError):
+        paged_attention(*args, backend=backend)
+
+
+def test_package_imports_without_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import streamt1_engine.kernels.paged_attention as p, streamt1_engine.kernels.sink_merge as s\n"
+            "import streamt1_engine.kernels.qk_norm_rope as r\n"
+            "from streamt1_engine.kernels.paged_attention import *\n"
+            "try:\n    p.paged_attention_triton\nexcept RuntimeError as e:\n    print('OK', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "OK triton is not installed" in res.stdout
+
+
+# --- realistic shapes on a GPU (bf16): Wan 1.3B heads, three-frame chunks, a sink + window of pages ---
+
+def _realistic(n, dtype, pages, lq=1560 * 3, frame_tokens=1560, h=12, d=128):
+    gen = torch.Generator().manual_seed(0)
+    from streamt1_engine.model.rope import Rope3D
+
+    rope = Rope3D(d, max_frames=64, device="cuda")
+    sc, ss = rope.spatial_tables(30, 52)
+    t = 3 * frame_tokens
+    pool = 12
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", dtype)
+
+    k_pool, v_pool = rnd(2, pool, t, h, d), rnd(2, pool, t, h, d)
+    tables = torch.tensor([[(3 * i + j) % pool for j in range(pages)] for i in range(n)], dtype=torch.int32)
+    counts = torch.tensor([pages - (i % 2) for i in range(n)], dtype=torch.int32)
+    pos = torch.arange(pool, dtype=torch.int32) * 3
+    return (rnd(n, lq, h, d), rnd(n, lq, h, d), rnd(n, lq, h, d), k_pool[1], v_pool[1], tables.cuda(),
+            counts.cuda(), pos.cuda(), rope.frame_cos, rope.frame_sin, sc, ss, frame_tokens)
+
+
+@pytest.mark.parametrize("n,pages", [(1, 0), (2, 3), (3, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_realistic(n, pages, dtype):
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    args = _realistic(n, dtype, pages)
+    expected = paged_attention(*args, backend="sdpa").float()
+    got = paged_attention_triton(*args)
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_small_against_naive_bf16():
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    args = make_case(3, 37, 128, torch.bfloat16, [[6, 7, 0, 1], [2, 7], [1, 3, 5]], [4, 2, 3], h=4,
+                     frame_tokens=24, chunk_frames=3)
+    assert_close(paged_attention_triton(*args), paged_attention_naive(*args), torch.bfloat16)
