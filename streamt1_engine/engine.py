@@ -110,6 +110,7 @@ class StreamT1Engine:
         self.config, self.fps, self.name = config, fps, name
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
+        self._cache: PagedKVCache | None = None
         self.schedule = make_schedule(config.sampler)
         require(vae.latent_channels == config.model.in_channels,
                 f"VAE latent channels ({vae.latent_channels}) != model input channels ({config.model.in_channels})")
@@ -177,6 +178,18 @@ class StreamT1Engine:
         final = build_reward(final_reward) if final_reward is not None else long
         return short, long, final
 
+    def _cache_for(self, stream_cfg: StreamConfig, search: SearchConfig) -> PagedKVCache:
+        """Reuse the pool of the previous run when it fits: no reallocation, and captured graphs stay valid."""
+        pages = PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates)
+        cache = self._cache
+        if cache is None or cache.stream != stream_cfg or cache.pool.num_pages < pages:
+            self._cache = None  # free the old pool before allocating the new one
+            merge_backend = "triton" if self.backend == "triton" else "torch"
+            cache = PagedKVCache(self.config.model, stream_cfg, pages, self.device, self.dtype, merge_backend)
+            self._cache = cache
+        cache.reset()
+        return cache
+
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
                width: int | None = None, progress: Callable[[int, int], None] | None = None,
@@ -189,9 +202,7 @@ class StreamT1Engine:
         with torch.inference_mode(), timer.range("text_encode"):
             text_states = self.text_encoder.encode([prompt]).to(self.device)
             text = self.model.encode_text(text_states)
-        pages = PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates)
-        merge_backend = "triton" if self.backend == "triton" else "torch"
-        cache = PagedKVCache(self.config.model, stream_cfg, pages, self.device, self.dtype, merge_backend)
+        cache = self._cache_for(stream_cfg, search)
         latent_shape = (self.config.model.in_channels, stream_cfg.chunk_frames, stream_cfg.latent_height,
                         stream_cfg.latent_width)
         runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt, search=search,

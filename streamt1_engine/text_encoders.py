@@ -60,20 +60,10 @@ class UMT5TextEncoder:
                         dtype: torch.dtype = torch.float32, cache_size: int = 8) -> "UMT5TextEncoder":
         """Load from a transformers model dir, a diffusers pipeline dir (``text_encoder/`` + ``tokenizer/``),
         a Wan repo dir (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``), or a hub id of any."""
-        root = resolve_model_dir(str(path_or_id))
-        wan_weights = [root] if root.is_file() else sorted(root.glob(WAN_T5_GLOB))
-        if root.is_file():
-            root = root.parent
-        if (root / "text_encoder" / "config.json").is_file():
-            model = _load_transformers_umt5(root / "text_encoder", dtype)
-        elif (root / "config.json").is_file() and not wan_weights:
-            model = _load_transformers_umt5(root, dtype)
-        elif wan_weights:
-            model = load_wan_t5(wan_weights[0])
-        else:
-            raise StreamT1Error(f"no umT5 encoder in {root}: expected config.json, text_encoder/ or {WAN_T5_GLOB}")
-        return cls(model, _load_tokenizer(root), text_len=text_len, device=device, dtype=dtype,
-                   cache_size=cache_size)
+        location = resolve_model_dir(str(path_or_id))
+        root = location.parent if location.is_file() else location
+        return cls(_load_umt5_model(location, dtype), _load_tokenizer(root), text_len=text_len, device=device,
+                   dtype=dtype, cache_size=cache_size)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -96,6 +86,20 @@ class UMT5TextEncoder:
         mask = tokens["attention_mask"].to(self.device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return (states * mask.unsqueeze(-1).to(states.dtype)).to(self.dtype)
+
+
+def _load_umt5_model(location: Path, dtype: torch.dtype):
+    """A Wan-format file, a pipeline's text_encoder/, a Wan repo (whose config.json is the DiT's) or a model dir."""
+    if location.is_file():
+        return load_wan_t5(location)
+    if (location / "text_encoder" / "config.json").is_file():
+        return _load_transformers_umt5(location / "text_encoder", dtype)
+    wan_weights = sorted(location.glob(WAN_T5_GLOB))
+    if wan_weights:
+        return load_wan_t5(wan_weights[0])
+    if (location / "config.json").is_file():
+        return _load_transformers_umt5(location, dtype)
+    raise StreamT1Error(f"no umT5 encoder in {location}: expected config.json, text_encoder/ or {WAN_T5_GLOB}")
 
 
 def _load_transformers_umt5(folder: Path, dtype: torch.dtype):

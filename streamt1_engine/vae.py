@@ -84,7 +84,9 @@ class WanVAE:
 
         root = resolve_model_dir(str(path_or_id))
         folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
-        require((folder / "config.json").is_file(), f"no Wan VAE config.json in {root} (nor in its vae/ folder)")
+        require((folder / "config.json").is_file(),
+                f"no Wan VAE config.json in {root} (nor in its vae/ folder); "
+                "a diffusers AutoencoderKLWan dir or pipeline dir is needed")
         try:
             model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -108,7 +110,8 @@ class WanVAE:
         x = self.model.post_quant_conv(z.to(self.dtype))
         outputs = []
         for i in range(x.shape[2]):
-            outputs.append(self.model.decoder(x[:, :, i:i + 1], feat_cache=cache, feat_idx=[0], first_chunk=not started))
+            frame = x[:, :, i:i + 1]
+            outputs.append(self.model.decoder(frame, feat_cache=cache, feat_idx=[0], first_chunk=not started))
             started = True
         video = torch.cat(outputs, dim=2)
         if self.patch_size is not None:
@@ -141,7 +144,8 @@ class SpaceToDepthVAE:
     """Weight-free latent: each f x f pixel block becomes 3*f*f channels in [-1, 1]; one latent frame per frame."""
 
     def __init__(self, factor: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        require(isinstance(factor, int) and not isinstance(factor, bool) and factor >= 1, f"space-to-depth factor must be a positive int, got {factor}")
+        require(isinstance(factor, int) and not isinstance(factor, bool) and factor >= 1,
+                f"space-to-depth factor must be a positive int, got {factor!r}")
         self.factor = factor
         self.spatial_factor = factor
         self.temporal_factor = 1

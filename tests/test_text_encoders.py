@@ -107,10 +107,13 @@ def test_umt5_pipeline_and_wan_layouts(umt5_dir, tmp_path):
     wan_state = _wan_named(model.state_dict())
     assert set(wan_t5_to_transformers(wan_state)) == set(model.state_dict())
     torch.save(wan_state, wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    (wan / "config.json").write_text("{}")  # the Wan repo's config.json describes the DiT, not umT5
     encoder = build_text_encoder({"type": "umt5", "path": "wan", "text_len": TEXT_LEN}, base_dir=tmp_path)
     assert encoder.model.shared.weight is encoder.model.encoder.embed_tokens.weight
     out = encoder.encode(prompts)
     torch.testing.assert_close(out[0, :length], reference[0, :length])
+    from_file = UMT5TextEncoder.from_pretrained(wan / "models_t5_umt5-xxl-enc-bf16.pth", text_len=TEXT_LEN)
+    torch.testing.assert_close(from_file.encode(prompts), out)
 
 
 def _wan_named(state):

@@ -56,6 +56,15 @@ class PagedKVCache:
         self._pending_ops: list[tuple[int, int, int, int]] = []
         self._pending_release: list[int] = []
 
+    def reset(self) -> None:
+        """Forget every page (contents stay; they are overwritten before being read again)."""
+        n = self.pool.num_pages
+        self.refcount = [0] * n
+        self.flag = [RouteFlag.DISCARD] * n
+        self.frame_pos = [0] * n
+        self._free = list(range(n - 1, -1, -1))
+        self._pending_ops, self._pending_release = [], []
+
     @staticmethod
     def pages_needed(stream_cfg: StreamConfig, num_beams: int, num_candidates: int) -> int:
         """Worst case: every beam with a private full sink and window, plus one new page per survivor and

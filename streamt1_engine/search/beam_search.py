@@ -103,14 +103,28 @@ def score_batch(reward: RewardFn, frames: torch.Tensor, prompt: str) -> torch.Te
     return scores
 
 
+class EagerDenoiser:
+    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs."""
+
+    def __init__(self, model, schedule: Schedule, text: TextContext, context_timestep: float = 0.0):
+        self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
+
+    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
+        return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
+
+    def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
+        context_pass(self.model, x0, self.text, attn, self.context_timestep)
+
+
 class BeamSearch:
     """Runs one prompt's stream; ``step()`` generates one chunk for every beam."""
 
     def __init__(self, *, model, vae, cache: PagedKVCache, text: TextContext, prompt: str, search: SearchConfig,
                  schedule: Schedule, num_chunks: int, seed: int, latent_shape: tuple[int, int, int, int],
                  short_reward: RewardFn | None, long_reward: RewardFn | None, attention_backend: str,
-                 context_timestep: float = 0.0, hooks=None):
+                 context_timestep: float = 0.0, hooks=None, denoiser=None):
         self.model, self.vae, self.cache, self.text = model, vae, cache, text
+        self.denoiser = denoiser or EagerDenoiser(model, schedule, text, context_timestep)
         self.prompt, self.search, self.schedule = prompt, search, schedule
         self.num_chunks, self.seed = num_chunks, seed
         self.latent_shape = latent_shape  # (C, F, h, w) of one chunk
@@ -199,7 +213,7 @@ class BeamSearch:
         n = len(seeds)
         noise = self._noise(seeds, parents)
         with self._range("denoise"):
-            x0 = denoise_chunk(self.model, self.schedule, noise, self.text, self._attention(parent_beams))
+            x0 = self.denoiser.denoise(noise, self._attention(parent_beams))
         with self._range("vae_decode"):
             state = None
             if self.vae_state is not None:
@@ -227,7 +241,7 @@ class BeamSearch:
         idx = torch.tensor(survivors, device=self.device)
         with self._range("context_pass"):
             write = self.cache.new_chunk_pages(len(survivors), c * self.latent_shape[1])
-            context_pass(self.model, x0[idx], self.text, self._attention(surv_parents, write), self.context_timestep)
+            self.denoiser.context(x0[idx], self._attention(surv_parents, write))
 
         with self._range("routing"):
             new_beams = []

@@ -220,3 +220,33 @@ def test_gpu_small_against_naive_bf16():
     args = make_case(3, 37, 128, torch.bfloat16, [[6, 7, 0, 1], [2, 7], [1, 3, 5]], [4, 2, 3], h=4,
                      frame_tokens=24, chunk_frames=3)
     assert_close(paged_attention_triton(*args), paged_attention_naive(*args), torch.bfloat16)
+
+
+def test_triton_with_real_rope_tables():
+    """The engine's own factorised tables (frame part and spatial parts in disjoint columns)."""
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+    from streamt1_engine.model.rope import Rope3D
+
+    dtype = torch.float16
+    args = list(make_case(3, 18, 32, dtype, [[2, 3, 4], [2, 3, 5], [2, 6]], [3, 3, 2], frame_tokens=6,
+                          chunk_frames=3))
+    rope = Rope3D(32, max_frames=64, device=DEVICE)
+    args[8], args[9] = rope.frame_cos, rope.frame_sin
+    args[10], args[11] = rope.spatial_tables(2, 3)
+    assert_close(paged_attention_triton(*args), paged_attention_naive(*args), dtype)
+
+
+def test_bench_script_tiny_runs(tmp_path):
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "fp32", "--n", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {r["backend"] for r in rows} >= {"triton", "sdpa"}
+    assert all(r["max_abs_err"] < 1e-3 for r in rows)

@@ -34,3 +34,11 @@ def test_gpu_realistic_bf16():
     args = make_inputs(2, 4680, 12, 128, torch.bfloat16)
     for e, g in zip(qk_norm_rope_naive(*args), qk_norm_rope(*args, backend="triton")):
         torch.testing.assert_close(g.float(), e.float(), **TOL[torch.bfloat16])
+
+
+def test_dispatch():
+    args = make_inputs(1, 3, 2, 16, torch.float32)
+    for e, g in zip(qk_norm_rope_naive(*args), qk_norm_rope(*args)):
+        assert torch.equal(e, g)
+    with pytest.raises(ValueError, match="unknown backend"):
+        qk_norm_rope(*args, backend="cuda")
