@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +54,31 @@ def parse_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[key]
 
 
+_BACKEND_PACKAGES = {"triton": ("triton", "triton"), "flash_attn": ("flash_attn", "flash-attn"),
+                     "xformers": ("xformers", "xformers")}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` is the Triton kernel on CUDA and the PyTorch reference elsewhere; explicit choices are
+    checked here so a missing package fails at load time with one line, not mid-generation."""
     require(backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            return "torch"
-    return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _importable("triton") else "torch"
+    if backend in _BACKEND_PACKAGES:
+        module, package = _BACKEND_PACKAGES[backend]
+        require(_importable(module), f"attention backend {backend!r} needs the {package} package (pip install {package})")
+    if backend == "triton" and device.type != "cuda":
+        require(os.environ.get("TRITON_INTERPRET") == "1",
+                "attention backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    if backend in ("flash_attn", "xformers"):
+        require(device.type == "cuda", f"attention backend {backend!r} needs a CUDA device")
+    return backend
 
 
 @dataclass

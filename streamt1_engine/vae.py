@@ -73,6 +73,9 @@ class WanVAE:
         self.spatial_factor = 2 ** (len(config.dim_mult) - 1) * (self.patch_size or 1)
         self.temporal_factor = 2 ** sum(bool(d) for d in config.temperal_downsample)
         shape = (1, self.latent_channels, 1, 1, 1)
+        require(len(config.latents_mean) == len(config.latents_std) == self.latent_channels,
+                f"VAE config has {len(config.latents_mean)} latents_mean / {len(config.latents_std)} latents_std "
+                f"values for {self.latent_channels} latent channels")
         self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape).to(self.device)
         self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape).to(self.device)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.model.decoder.modules())

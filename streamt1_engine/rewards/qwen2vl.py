@@ -211,7 +211,7 @@ def load_tokenizer(base_dir: Path, tokenizer_dir: Path | None, special_tokens: l
     vocab = tokenizer.get_vocab()
     new = [token for token in special_tokens if token not in vocab]
     if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+        tokenizer.add_tokens(new, special_tokens=True)  # appended in order: ids = base vocabulary size + i
     if tokenizer.chat_template is None:
         for name in ("chat_template.jinja", "chat_template.json"):
             path = base_dir / name
