@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,12 +15,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cache import PagedKVCache
-from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
+from .config import EngineConfig, StreamConfig
+from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
+from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import StreamT1Error, require
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
 from .sampler import make_schedule
-from .search.beam_search import BeamSearch, ChunkRecord, to_float
+from .search.beam_search import BeamSearch, ChunkRecord
 from .search.config import SearchConfig
 
 MAX_CHUNKS = 100_000
@@ -115,7 +118,11 @@ class GenerationResult:
 class StreamT1Engine:
     def __init__(self, model: CausalWanDiT, text_encoder, vae, config: EngineConfig, *, device="cpu",
                  dtype=None, attention_backend: str = "auto", fps: int = 16, name: str = "custom",
-                 default_rewards: dict | None = None, use_nvtx: bool = True):
+                 default_rewards: dict | None = None, use_nvtx: bool = True, cuda_graphs: bool = False,
+                 compile_blocks: bool = False, sync_stages: bool = False):
+        """``cuda_graphs``: replay each chunk's denoising loop and context pass from CUDA graphs (CUDA only;
+        ignored with a warning on CPU). ``compile_blocks``: experimental ``torch.compile`` of every DiT block.
+        ``sync_stages``: synchronise the device at stage boundaries so per-stage seconds are exact."""
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.backend = resolve_backend(attention_backend, self.device)
@@ -126,6 +133,15 @@ class StreamT1Engine:
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
         self._cache: PagedKVCache | None = None
+        # -- CUDA graphs / compile (cuda_graphs.py) --
+        self.sync_stages = sync_stages
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        if cuda_graphs and not self.cuda_graphs:
+            warnings.warn(GRAPHS_NEED_CUDA, RuntimeWarning, stacklevel=2)
+        self._graphed = None  # GraphedDenoiser bound to self._cache's pool
+        if compile_blocks:
+            compile_dit_blocks(self.model)
+        # -- end CUDA graphs / compile --
         self.schedule = make_schedule(config.sampler)
         require(vae.latent_channels == config.model.in_channels,
                 f"VAE latent channels ({vae.latent_channels}) != model input channels ({config.model.in_channels})")
@@ -205,6 +221,22 @@ class StreamT1Engine:
         cache.reset()
         return cache
 
+    # -- CUDA graphs / NVTX (cuda_graphs.py) --
+    def _denoiser_for(self, cache: PagedKVCache, text):
+        """Graphs are kept across runs while the pool is reused; None means BeamSearch's eager default."""
+        if self.cuda_graphs:
+            if self._graphed is None or self._graphed.pool is not cache.pool:
+                self._graphed = None  # release the old graphs before capturing against a new pool
+                self._graphed = GraphedDenoiser(self.model, self.schedule, text, cache.pool,
+                                                self.config.sampler.context_timestep)
+            else:
+                self._graphed.set_text(text)
+            return self._graphed
+        if self.use_nvtx and nvtx_available():
+            return NvtxEagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
+        return None
+    # -- end CUDA graphs / NVTX --
+
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
                width: int | None = None, progress: Callable[[int, int], None] | None = None,
@@ -212,7 +244,7 @@ class StreamT1Engine:
         """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick."""
         search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
         short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
-        timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=False)
+        timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages)
         started = time.perf_counter()
         with torch.inference_mode(), timer.range("text_encode"):
             text_states = self.text_encoder.encode([prompt]).to(self.device)
@@ -223,7 +255,8 @@ class StreamT1Engine:
         runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt, search=search,
                             schedule=self.schedule, num_chunks=num_chunks, seed=seed, latent_shape=latent_shape,
                             short_reward=short, long_reward=long, attention_backend=self.backend,
-                            context_timestep=self.config.sampler.context_timestep, hooks=timer)
+                            context_timestep=self.config.sampler.context_timestep, hooks=timer,
+                            denoiser=self._denoiser_for(cache, text))
         emitted = 0
         try:
             for c in range(num_chunks):
@@ -246,7 +279,7 @@ class StreamT1Engine:
                     device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                     attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
                     kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
-                    stages=timer.summary())
+                    stages=timer.summary(), cuda_graphs=self.cuda_graphs)
         finally:
             runner.release()
 

@@ -12,11 +12,11 @@ import re
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .registry import ComponentRegistry, component_path
 from .errors import StreamT1Error, require
 from .hub import resolve_model_dir
 
@@ -223,34 +223,9 @@ class HashedTextEncoder:
         return out.to(device=self.device, dtype=self.dtype)
 
 
-def component_path(spec: dict, base_dir: Path | None) -> str:
-    """``spec["path"]`` under ``base_dir`` when it exists there, else as given (a path or hub id);
-    no path means ``base_dir`` itself (a pipeline dir holding every component)."""
-    path = spec.get("path")
-    if path is None:
-        require(base_dir is not None, f"the {spec.get('type')!r} component spec needs a 'path'")
-        return str(base_dir)
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return str(Path(base_dir) / path)
-    return str(path)
-
-
-TextEncoderFactory = Callable[[dict, "Path | None", Any, torch.dtype], Any]
-_TEXT_ENCODER_TYPES: dict[str, TextEncoderFactory] = {}
-
-
-def register_text_encoder(type_name: str, factory: TextEncoderFactory) -> None:
-    """Make ``build_text_encoder`` accept ``{"type": type_name, ...}``; factory(spec, base_dir, device, dtype)."""
-    _TEXT_ENCODER_TYPES[type_name] = factory
-
-
-def build_text_encoder(spec: dict, base_dir: Path | None = None, device="cpu", dtype: torch.dtype = torch.float32):
-    require(isinstance(spec, dict) and "type" in spec, "text encoder spec must be a dict with a 'type'")
-    factory = _TEXT_ENCODER_TYPES.get(spec["type"])
-    if factory is None:
-        raise StreamT1Error(f"unknown text encoder type {spec['type']!r} "
-                            f"(known: {', '.join(sorted(_TEXT_ENCODER_TYPES))})")
-    return factory(spec, base_dir, device, dtype)
+TEXT_ENCODERS = ComponentRegistry("text encoder")
+register_text_encoder = TEXT_ENCODERS.register
+build_text_encoder = TEXT_ENCODERS.build
 
 
 def _build_umt5(spec, base_dir, device, dtype):

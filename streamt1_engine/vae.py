@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .errors import StreamT1Error, require
 from .hub import resolve_model_dir
-from .text_encoders import component_path
+from .registry import ComponentRegistry, component_path
 
 
 def _check_latents(latents: torch.Tensor, channels: int) -> None:
@@ -180,21 +180,9 @@ class SpaceToDepthVAE:
         return latents.permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
 
 
-VAEFactory = Callable[[dict, "Path | None", Any, torch.dtype], Any]
-_VAE_TYPES: dict[str, VAEFactory] = {}
-
-
-def register_vae(type_name: str, factory: VAEFactory) -> None:
-    """Make ``build_vae`` accept ``{"type": type_name, ...}``; factory(spec, base_dir, device, dtype)."""
-    _VAE_TYPES[type_name] = factory
-
-
-def build_vae(spec: dict, base_dir: Path | None = None, device="cpu", dtype: torch.dtype = torch.float32):
-    require(isinstance(spec, dict) and "type" in spec, "VAE spec must be a dict with a 'type'")
-    factory = _VAE_TYPES.get(spec["type"])
-    if factory is None:
-        raise StreamT1Error(f"unknown VAE type {spec['type']!r} (known: {', '.join(sorted(_VAE_TYPES))})")
-    return factory(spec, base_dir, device, dtype)
+VAES = ComponentRegistry("VAE")
+register_vae = VAES.register
+build_vae = VAES.build
 
 
 register_vae("wan", lambda spec, base_dir, device, dtype:

@@ -363,7 +363,8 @@ def make_hpsv3(tmp_path, seed=0):
     vocab = len(tiny_tokenizer()) + 1  # the reward token is added on top of the base vocabulary
     model = random_qwen(vocab, seed)
     torch.manual_seed(seed + 1)
-    head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.05), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.05), nn.Linear(16, 8), nn.ReLU(),
+                         nn.Linear(8, 2)).eval()
     state = old_layout(model)
     state["lm_head.weight"] = torch.randn(vocab, 32)
     state.update({f"rm_head.{k}": v.clone() for k, v in head.state_dict().items()})

@@ -1,5 +1,4 @@
 """Stream-T1 search: batched beams over shared pages must match a one-candidate-at-a-time reference."""
-import math
 
 import pytest
 import torch

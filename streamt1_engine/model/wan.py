@@ -119,7 +119,9 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """q/k/v/o projections with RMS q/k norms across all heads (Wan's self- and cross-attention)."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -130,6 +132,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+
+class SelfAttention(AttentionProjections):
+    """Attention of a chunk to its candidate's cached pages and to itself."""
 
     def forward(self, x, rope: ChunkRope, attn: ChunkAttention, layer: int):
         backend = "triton" if attn.backend == "triton" else "torch"
@@ -152,16 +158,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+class CrossAttention(AttentionProjections):
+    """Attention to the prompt, whose keys/values are computed once per prompt."""
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))

@@ -12,7 +12,8 @@ in [0, 1] and returns one value per video (higher is better except ``flicker``):
 - ``persistence``: each object stays one blob of stable area;
 - ``smoothness``: small second differences of each object's centroid trajectory;
 - ``direction``: the first steps of each trajectory go the named way;
-- ``flicker``: mean absolute change of background pixels between consecutive frames.
+- ``flicker``: mean absolute change of background pixels between consecutive frames;
+- ``crispness``: share of pixels close to some palette colour (needs no prompt).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def connected_components(mask: torch.Tensor, max_iters: int = 64) -> torch.Tenso
     """long [M, H, W] labels (0 = off, else a component id) with 8-connectivity, batched over M masks."""
     m, h, w = mask.shape
     ids = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, h, w)
-    labels = torch.where(mask, ids, torch.zeros(()))
+    labels = torch.where(mask, ids, ids.new_zeros(()))
     maskf = mask.float()
     for _ in range(max_iters):
         grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * maskf
@@ -122,6 +123,11 @@ def _first_index(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, idx, torch.full_like(idx, n)).amin(-1)
 
 
+def _undefined(frames: torch.Tensor) -> torch.Tensor:
+    """NaN per video: the prompt does not name what the metric needs."""
+    return torch.full((frames.shape[0],), float("nan"), device=frames.device)
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
     """Mean over the last dim of ``values`` where ``mask``; ``empty`` where nothing is selected."""
     mask = mask.float()
@@ -133,7 +139,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = 0.0) -
 def background_fidelity(frames: torch.Tensor, spec: PromptSpec) -> torch.Tensor:
     frames = _as_videos(frames)
     if spec.background is None:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     target = torch.tensor(PALETTE[spec.background], device=frames.device)
     d = (background_colour(frames) - target).norm(dim=-1)  # [N, T]
     return (1 - d / 0.5).clamp(0, 1).mean(dim=1)
@@ -144,7 +150,7 @@ def colour_fidelity(frames: torch.Tensor, spec: PromptSpec, tracks: dict | None 
     frames = _as_videos(frames)
     colours = [c for c, _, _ in spec.objects if c is not None]
     if not colours:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     tracks = tracks or object_tracks(frames, spec)
     fg = foreground_mask(frames).flatten(2).sum(-1).float()
     named = sum(tracks[c].area for c in dict.fromkeys(colours))
@@ -169,7 +175,7 @@ def shape_fidelity(frames: torch.Tensor, spec: PromptSpec, tracks: dict | None =
     frames = _as_videos(frames)
     objects = [(c, s) for c, s, _ in spec.objects if c is not None and s is not None]
     if not objects:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     tracks = tracks or object_tracks(frames, spec)
     per_object = []
     for colour, shape in objects:
@@ -193,7 +199,7 @@ def persistence(frames: torch.Tensor, spec: PromptSpec, tracks: dict | None = No
         stable = torch.where(area.mean(dim=1) >= MIN_OBJECT_PIXELS, (1 - cv).clamp(0, 1), torch.zeros_like(cv))
         scores.append(0.5 * single + 0.5 * stable)
     if not scores:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     return torch.stack(scores).mean(dim=0)
 
 
@@ -210,7 +216,7 @@ def smoothness(frames: torch.Tensor, spec: PromptSpec, tracks: dict | None = Non
         valid = p[:, 2:] & p[:, 1:-1] & p[:, :-2]
         scores.append(_masked_mean(torch.exp(-accel / 2.0), valid))
     if not scores:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     return torch.stack(scores).mean(dim=0)
 
 
@@ -220,7 +226,7 @@ def direction_agreement(frames: torch.Tensor, spec: PromptSpec, tracks: dict | N
     frames = _as_videos(frames)
     objects = [(c, d) for c, _, d in spec.objects if c is not None and d is not None]
     if not objects or frames.shape[1] < 2:
-        return torch.full((frames.shape[0],), float("nan"))
+        return _undefined(frames)
     tracks = tracks or object_tracks(frames, spec)
     scores = []
     for colour, direction in objects:
@@ -238,12 +244,19 @@ def flicker(frames: torch.Tensor) -> torch.Tensor:
     """Mean absolute frame-to-frame change of pixels that are background in both frames (lower = better)."""
     frames = _as_videos(frames)
     if frames.shape[1] < 2:
-        return torch.zeros(frames.shape[0])
+        return torch.zeros(frames.shape[0], device=frames.device)
     fg = foreground_mask(frames)
     fg = F.max_pool2d(fg.float().flatten(0, 1)[:, None], 3, 1, 1)[:, 0].view_as(fg) > 0  # ignore edges
     bg = ~(fg[:, 1:] | fg[:, :-1])
     diff = (frames[:, 1:] - frames[:, :-1]).abs().mean(dim=2)
     return _masked_mean(diff.flatten(1), bg.flatten(1), empty=1.0)
+
+
+def crispness(frames: torch.Tensor) -> torch.Tensor:
+    """Share of pixels within 0.2 of a palette colour: flat, clean colours rather than blur or noise."""
+    frames = _as_videos(frames)
+    d = (frames.movedim(2, -1)[..., None, :] - palette(frames.device)).norm(dim=-1).amin(-1)
+    return (d < 0.2).float().flatten(1).mean(dim=1)
 
 
 def object_tracks(frames: torch.Tensor, spec: PromptSpec) -> dict:
@@ -255,7 +268,7 @@ def object_tracks(frames: torch.Tensor, spec: PromptSpec) -> dict:
     return {c: ObjectTracks(frames, PALETTE_NAMES.index(c)) for c in dict.fromkeys(colours)}
 
 
-METRIC_NAMES = ("background", "colour", "shape", "persistence", "smoothness", "direction", "flicker")
+METRIC_NAMES = ("background", "colour", "shape", "persistence", "smoothness", "direction", "flicker", "crispness")
 
 
 def video_metrics(frames: torch.Tensor, prompt: str | PromptSpec) -> dict[str, torch.Tensor]:
@@ -271,4 +284,5 @@ def video_metrics(frames: torch.Tensor, prompt: str | PromptSpec) -> dict[str, t
         "smoothness": smoothness(frames, spec, tracks),
         "direction": direction_agreement(frames, spec, tracks),
         "flicker": flicker(frames),
+        "crispness": crispness(frames),
     }

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import SamplerConfig, StreamConfig, WanConfig
 from ..errors import require
@@ -49,47 +48,16 @@ def warp_timesteps(steps, shift: float, num_train_timesteps: int = 1000) -> list
     return out
 
 
-class LocalSpaceToDepth:
-    """Frames [B, T, 3, H, W] in [0, 1] <-> latents [B, 3 f f, T, H/f, W/f] in [-1, 1] (pixel unshuffle).
+def space_to_depth_vae(factor: int = VAE_FACTOR, device="cpu"):
+    from ..vae import SpaceToDepthVAE
 
-    Used only when ``streamt1_engine.vae`` is not importable; the engine's ``SpaceToDepthVAE`` is the
-    reference and must lay out channels the same way.
-    """
-
-    def __init__(self, factor: int):
-        self.factor = factor
-        self.latent_channels = 3 * factor * factor
-        self.spatial_factor = factor
-
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        b, t = video.shape[:2]
-        lat = F.pixel_unshuffle(video.flatten(0, 1), self.factor) * 2 - 1
-        return lat.unflatten(0, (b, t)).transpose(1, 2)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        b, c, t = latents.shape[:3]
-        frames = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1), self.factor)
-        return ((frames + 1) / 2).clamp(0, 1).unflatten(0, (b, t))
-
-
-def space_to_depth_vae(factor: int = VAE_FACTOR):
-    try:
-        from ..vae import SpaceToDepthVAE
-    except ImportError:
-        return LocalSpaceToDepth(factor)
-    return SpaceToDepthVAE(factor)
-
-
-def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
-    return vae.encode(frames)
+    return SpaceToDepthVAE(factor, device=device)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """latents [B, C, F, h, w] -> frames [B, F, 3, H, W] in [0, 1], whichever space-to-depth VAE is used."""
-    if hasattr(vae, "decode"):
-        return vae.decode(latents).clamp(0, 1)
+    """latents [B, C, F, h, w] -> frames [B, F, 3, H, W] in [0, 1] (a space-to-depth VAE has no state)."""
     frames, _ = vae.decode_chunk(latents, None)
-    return frames.clamp(0, 1)
+    return frames
 
 
 def teacher_forcing_mask(num_frames: int, chunk_frames: int, frame_tokens: int, device=None) -> torch.Tensor:
@@ -149,8 +117,8 @@ def load_tiny_model(path: str | os.PathLike | None = None, device="cpu", dtype=t
     text_encoder = load_tiny_text_encoder(config["text_encoder"], path, device, dtype)
     stream = StreamConfig(**config["stream"])
     sampler = SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["sampler"].items()})
-    return TinyModel(dit, text_encoder, space_to_depth_vae(config["vae"].get("factor", VAE_FACTOR)), stream,
-                     sampler, config)
+    return TinyModel(dit, text_encoder, space_to_depth_vae(config["vae"].get("factor", VAE_FACTOR), device),
+                     stream, sampler, config)
 
 
 @torch.no_grad()

@@ -1,0 +1,360 @@
+"""Shared pieces of the bench scripts: arguments, model/engine builders, timing, environment, result files.
+
+Every script answers one question, runs at full Wan2.1-1.3B size on a GPU by default, and with ``--tiny``
+(automatic without CUDA) at toy sizes on a CPU in seconds. Tiny numbers only show that a script works.
+Weights are random: latency and memory do not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, median
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from streamt1_engine.config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
+from streamt1_engine.model.wan import CausalWanDiT, RMSNorm, WanBlock, WanHead
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VIDEO_FPS = 16  # Wan2.1 / Self-Forcing output frame rate
+WAN_TEMPORAL_FACTOR = 4  # video frames per latent frame of the real Wan VAE (after the first)
+# Spec-sheet dense bf16/fp16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0),
+               ("L40S", 362.0), ("4090", 165.2))
+
+
+# -- arguments ------------------------------------------------------------------------------------------
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke run (automatic without CUDA)")
+    p.add_argument("--backend", default="auto", help="attention backend (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing")
+    p.add_argument("--repeat", type=int, default=None, help="timed iterations")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=None, help="directory for CSV/JSON/markdown results (default: print only)")
+    return p
+
+
+def finish_args(args: argparse.Namespace, *, warmup: int = 3, repeat: int = 10) -> argparse.Namespace:
+    """Resolve device, dtype and tiny mode; fill timing defaults (smaller in tiny mode)."""
+    from streamt1_engine.engine import parse_device, resolve_backend
+
+    args.device = parse_device(args.device)
+    if args.device.type != "cuda" and not args.tiny:
+        print("no CUDA device: running with --tiny (CPU numbers only show that the script works)")
+        args.tiny = True
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
+    args.torch_dtype = DTYPES[args.dtype]
+    args.backend = resolve_backend(args.backend, args.device)
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else warmup
+    if args.repeat is None:
+        args.repeat = 2 if args.tiny else repeat
+    return args
+
+
+# -- shapes and models ----------------------------------------------------------------------------------
+def model_config(tiny: bool) -> WanConfig:
+    """Wan2.1-T2V-1.3B, or a toy of the same structure (16 latent channels, head dim 16)."""
+    if tiny:
+        return WanConfig.tiny(in_channels=16, out_channels=16, text_dim=32, text_len=16)
+    return WanConfig.wan_1_3b()
+
+
+def stream_config(tiny: bool) -> StreamConfig:
+    """Self-Forcing / LongLive layout (3-frame chunks, 12-frame window, sink 3 -> 15 frames) at 480x832,
+    or the same page layout on an 8x8 latent."""
+    if tiny:
+        return StreamConfig(latent_height=8, latent_width=8)
+    return StreamConfig()
+
+
+def random_dit(cfg: WanConfig, device, dtype, seed: int = 0) -> CausalWanDiT:
+    """A random-weight DiT initialised directly on ``device`` (no 5 GB CPU detour at 1.3B)."""
+    with torch.device("meta"):
+        model = CausalWanDiT(cfg)
+    model = model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (WanBlock, WanHead)):
+                module.modulation.normal_().div_(cfg.dim ** 0.5)
+            elif isinstance(module, (nn.Linear, nn.Conv3d, nn.LayerNorm)):
+                module.reset_parameters()
+    return model.to(dtype).eval()
+
+
+class TiledSpaceToDepthVAE:
+    """Weight-free stand-in decoder: each latent pixel becomes an f x f block (channels tiled to 3*f*f,
+    then pixel-shuffled). Costs almost nothing, so it is NOT the real Wan VAE's cost."""
+
+    def __init__(self, latent_channels: int, factor: int = 8, device="cpu"):
+        assert (3 * factor * factor) % latent_channels == 0
+        self.latent_channels, self.factor = latent_channels, factor
+        self.spatial_factor, self.temporal_factor = factor, 1
+        self.device = torch.device(device)
+
+    def frames_per_chunk(self, first: bool, latent_frames: int) -> int:
+        return latent_frames
+
+    def decode_chunk(self, latents: torch.Tensor, state=None):
+        n, c, t, h, w = latents.shape
+        planes = latents.to(self.device, torch.float32).permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+        planes = planes.repeat(1, 3 * self.factor * self.factor // c, 1, 1)
+        frames = F.pixel_shuffle(planes, self.factor).reshape(n, t, 3, h * self.factor, w * self.factor)
+        return ((frames + 1.0) / 2.0).clamp(0.0, 1.0), None
+
+    def select_state(self, state, index):
+        return None
+
+
+def build_vae(kind: str, cfg: WanConfig, device, seed: int = 0):
+    """``wan-random``: diffusers AutoencoderKLWan (Wan2.1 VAE architecture) with random weights, so the
+    decode cost is real; ``light``: ``TiledSpaceToDepthVAE`` (decode cost ~0)."""
+    if kind == "light":
+        return TiledSpaceToDepthVAE(cfg.in_channels, 8, device)
+    if kind == "wan-random":
+        from diffusers import AutoencoderKLWan
+
+        from streamt1_engine.vae import WanVAE
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoencoderKLWan(z_dim=cfg.in_channels)
+        return WanVAE(model, device=device, dtype=torch.float32)
+    raise SystemExit(f"unknown --vae {kind!r} (use wan-random or light)")
+
+
+def build_engine(args, *, vae: str = "light", cuda_graphs: bool = False, **engine_kwargs):
+    """An engine over a random-weight DiT, the weight-free hashed text encoder and the chosen VAE."""
+    from streamt1_engine.engine import StreamT1Engine
+    from streamt1_engine.text_encoders import HashedTextEncoder
+
+    cfg = model_config(args.tiny)
+    model = random_dit(cfg, args.device, args.torch_dtype, seed=args.seed)
+    text = HashedTextEncoder(cfg.text_dim, cfg.text_len, seed=args.seed)
+    config = EngineConfig(cfg, stream_config(args.tiny), SamplerConfig())
+    engine_kwargs.setdefault("sync_stages", True)
+    return StreamT1Engine(model, text, build_vae(vae, cfg, args.device, args.seed), config, device=args.device,
+                          dtype=args.torch_dtype, attention_backend=args.backend, fps=VIDEO_FPS,
+                          name="random-tiny" if args.tiny else "random-wan2.1-1.3b", cuda_graphs=cuda_graphs,
+                          **engine_kwargs)
+
+
+def chunks_for_seconds(seconds: float, chunk_frames: int = 3) -> int:
+    """Chunks of a ``seconds`` long 16 fps Wan video: 5 s -> 7 chunks (21 latent frames), 30 s -> 40."""
+    return max(1, round(seconds * VIDEO_FPS / (WAN_TEMPORAL_FACTOR * chunk_frames)))
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------
+def token_linear_params(cfg: WanConfig) -> int:
+    """Weights applied to every chunk token per forward: patch embedding, per block self q/k/v/o, cross q/o
+    (cross k/v act on the text once per prompt), the FFN, and the head."""
+    d = cfg.dim
+    patch = cfg.in_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2] * d
+    block = 6 * d * d + 2 * d * cfg.ffn_dim
+    head = d * cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+    return patch + cfg.num_layers * block + head
+
+
+def forward_flops(cfg: WanConfig, n: int, lq: int, kv_tokens: int) -> float:
+    """One forward of ``n`` candidates of ``lq`` tokens: 2 * params * tokens for the linear layers, plus
+    attention 4 * Lq * S * dim per layer for self (S = cached + own tokens) and cross (S = text tokens)."""
+    linear = 2.0 * token_linear_params(cfg) * n * lq
+    attention = 4.0 * n * lq * (kv_tokens + cfg.text_len) * cfg.dim * cfg.num_layers
+    return linear + attention
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Milliseconds per call: CUDA events on a GPU, perf_counter around a synchronised call elsewhere."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def wall_seconds(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    synchronize(device)
+    t0 = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, result
+
+
+def stats(times: list[float]) -> dict[str, float]:
+    return {"median": median(times), "mean": mean(times), "min": min(times)}
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def current_bytes(device: torch.device) -> int:
+    """Allocated device memory on a GPU; resident set size of the process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, the best we have
+
+
+def mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**20, 1)
+
+
+# -- environment and results ----------------------------------------------------------------------------
+def environment(args, script: str) -> dict[str, Any]:
+    """Where and how the numbers were taken: device, versions, date, commit and the exact command line."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = args.device
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "git_commit": _git_commit(),
+        "command": shlex.join(["python", f"bench/{Path(script).name}", *_argv(args)]),
+        "tiny": args.tiny, "dtype": args.dtype, "attention_backend": args.backend,
+    }
+
+
+def _argv(args) -> list[str]:
+    return list(getattr(args, "argv", None) or sys.argv[1:])
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+@dataclass
+class Report:
+    """What one script prints and, with ``--out``, writes as <name>.csv, <name>.json and <name>.md."""
+
+    name: str
+    title: str
+    env: dict
+    rows: list[dict]
+    columns: list[str] | None = None
+    notes: list[str] | None = None
+    extra: dict | None = None
+
+    def markdown(self) -> str:
+        label = "CPU smoke run (tiny sizes; numbers only show that the script works)" if self.env.get("tiny") \
+            else f"{self.env['device']}"
+        parts = [f"## {self.title}\n", f"{label}; torch {self.env['torch']}, triton {self.env['triton']}, "
+                 f"dtype {self.env['dtype']}, attention {self.env['attention_backend']}, "
+                 f"commit {self.env['git_commit']}, {self.env['date']}\n",
+                 f"`{self.env['command']}`\n", markdown_table(self.rows, self.columns)]
+        parts += [f"- {note}" for note in self.notes or []]
+        return "\n".join(parts) + "\n"
+
+    def emit(self, out_dir: str | None) -> dict[str, str]:
+        print(self.markdown())
+        if not out_dir:
+            return {}
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {kind: str(out / f"{self.name}.{kind}") for kind in ("csv", "json", "md")}
+        columns = sorted({k for row in self.rows for k in row}, key=lambda k: (self.columns or []).index(k)
+                         if k in (self.columns or []) else len(self.columns or []))
+        with open(paths["csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        with open(paths["json"], "w") as f:
+            json.dump({"environment": self.env, "rows": self.rows, "notes": self.notes or [],
+                       **(self.extra or {})}, f, indent=2, default=str)
+        Path(paths["md"]).write_text(self.markdown())
+        print(f"wrote {', '.join(paths.values())}")
+        return paths

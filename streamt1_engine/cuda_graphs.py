@@ -1,0 +1,260 @@
+"""Replay the per-chunk work from CUDA graphs, and the eager-path helpers that go with it.
+
+A chunk's work has a fixed shape once the number of candidates N, the latent shape, the page-table width
+and the attention backend are fixed, and everything that changes between chunks (noise, page tables,
+frame positions, write pages) lives in device tensors. ``GraphedDenoiser`` therefore captures, per shape,
+one graph of the whole denoising loop (all steps for all candidates) and one of the clean context pass,
+and replays them after copying the new inputs into static buffers. This removes the launch overhead of a
+few thousand small kernels per chunk, which dominates at small batch.
+
+What capture relies on (checked in the model and kernels):
+  * the forward never reads device values on the host for the ``torch`` and ``triton`` attention
+    backends; ``sdpa``, ``flash_attn`` and ``xformers`` do (mask choice, varlen lengths), so those run
+    eagerly with a warning;
+  * RoPE tables (``model.rope``, its spatial tables) are created lazily and Triton autotunes on first
+    use: both happen in the eager warm-up before capture;
+  * the KV pool, the rope tables and the model weights keep their addresses while graphs exist
+    (``StreamT1Engine`` reuses its pool across runs; a new pool means a new ``GraphedDenoiser``).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import profiling
+from .errors import StreamT1Error, require
+from .model.wan import ChunkAttention, KVPool, TextContext
+from .sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
+from .search.beam_search import EagerDenoiser
+
+CAPTURABLE_BACKENDS = ("torch", "triton")
+GRAPHS_NEED_CUDA = "CUDA graphs need a CUDA device; running eagerly"
+
+
+@dataclass
+class _CapturedWork:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # static buffers the graph reads
+    output: torch.Tensor | None  # static buffer the graph writes (denoise: x0)
+
+
+class GraphedDenoiser:
+    """Same interface as ``EagerDenoiser``; one graph per (kind, N, latent shape, table width, backend).
+
+    Graphs stay valid across chunks and prompts: ``set_text`` copies a new prompt's cross-attention K/V
+    into the static copy every graph reads. ``captures`` and ``replays`` count what happened.
+    """
+
+    def __init__(self, model, schedule: Schedule, text: TextContext, pool: KVPool, context_timestep: float = 0.0,
+                 *, warmup_iters: int = 2):
+        require(torch.cuda.is_available() and pool.k.is_cuda, GRAPHS_NEED_CUDA.split(";")[0])
+        require(warmup_iters >= 1, "CUDA graph capture needs at least one warm-up iteration")
+        self.model, self.schedule, self.pool = model, schedule, pool
+        self.context_timestep = context_timestep
+        self.warmup_iters = warmup_iters
+        self.device = pool.k.device
+        self.mempool = torch.cuda.graph_pool_handle()  # shared by every graph of this denoiser
+        self.captures = 0
+        self.replays = 0
+        self._graphs: dict[tuple, _CapturedWork | None] = {}  # None: capture failed, run eagerly
+        self._warned: set[str] = set()
+        self._rope = None
+        self._text: TextContext | None = None
+        self.set_text(text)
+
+    # -- static state -----------------------------------------------------------------------------
+    def set_text(self, text: TextContext) -> None:
+        """Make the graphs read ``text``: an in-place copy when the shapes match, else drop all graphs."""
+        with torch.inference_mode():
+            if self._text is not None and _same_shapes(self._text, text):
+                for (k_static, v_static), (k, v) in zip(self._text.kv, text.kv):
+                    k_static.copy_(k)
+                    v_static.copy_(v)
+                return
+            self.reset()
+            self._text = TextContext([(k.clone(), v.clone()) for k, v in text.kv])
+
+    def reset(self) -> None:
+        """Forget every graph (the next call of each shape captures again)."""
+        self._graphs.clear()
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(g is not None for g in self._graphs.values())
+
+    # -- the denoiser interface -------------------------------------------------------------------
+    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
+        if not self._capturable(attn):
+            return denoise_chunk(self.model, self.schedule, noise, self._text, attn)
+        n = noise.initial.shape[0]
+        key = ("denoise", n, tuple(noise.initial.shape[1:]), attn.page_table.shape[1], attn.backend,
+               noise.initial.dtype)
+        with torch.inference_mode():
+            sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn)}
+
+            def work(buf):
+                return denoise_chunk(self.model, self.schedule, ChunkNoise(buf["initial"], buf["renoise"]),
+                                     self._text, self._static_attention(buf, attn.backend))
+
+            out = self._run(key, sources, work)
+            return out.clone()
+
+    def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
+        require(attn.write_pages is not None, "the context pass needs pages to write")
+        if not self._capturable(attn):
+            context_pass(self.model, x0, self._text, attn, self.context_timestep)
+            return
+        key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype)
+        with torch.inference_mode():
+            sources = {"x0": x0, **_attention_inputs(attn)}
+
+            def work(buf):
+                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, attn.backend),
+                             self.context_timestep)
+                return None
+
+            self._run(key, sources, work)
+
+    # -- capture and replay -----------------------------------------------------------------------
+    def _capturable(self, attn: ChunkAttention) -> bool:
+        require(attn.pool is self.pool, "GraphedDenoiser was built for another KV pool")
+        if attn.backend not in CAPTURABLE_BACKENDS:
+            self._warn_once(attn.backend, f"attention backend {attn.backend!r} reads device values on the host "
+                                          f"and cannot be captured in a CUDA graph; running eagerly")
+            return False
+        if attn.dense_mask is not None or attn.frame_positions is not None:
+            self._warn_once("dense", "dense or explicit-position attention is not graphed; running eagerly")
+            return False
+        return True
+
+    def _static_attention(self, buf: dict[str, torch.Tensor], backend: str) -> ChunkAttention:
+        return ChunkAttention(self.pool, buf["page_table"], buf["num_pages"], buf["frame_start"],
+                              buf.get("write_pages"), backend=backend)
+
+    def _run(self, key: tuple, sources: dict[str, torch.Tensor],
+             work: Callable[[dict[str, torch.Tensor]], torch.Tensor | None]) -> torch.Tensor | None:
+        self._check_rope()
+        captured = self._graphs.get(key, False)
+        if captured is None:  # capture failed before: same work, eagerly
+            return work(sources)
+        if captured is False:
+            captured = self._capture(key, sources, work)
+            if captured is None:
+                return work(sources)
+        else:
+            for name, src in sources.items():
+                captured.inputs[name].copy_(src)
+        captured.graph.replay()
+        self.replays += 1
+        return captured.output
+
+    def _capture(self, key, sources, work) -> _CapturedWork | None:
+        inputs = {name: src.clone() for name, src in sources.items()}  # allocated outside the graph pool
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy tables, Triton compilation and autotuning
+            for _ in range(self.warmup_iters):
+                work(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.mempool):
+                output = work(inputs)
+        except RuntimeError as exc:  # an op that cannot be captured: keep the results, lose the speed-up
+            self._graphs[key] = None
+            self._warn_once(f"capture{key}", f"CUDA graph capture of {key[0]} (N={key[1]}) failed "
+                                             f"({str(exc).splitlines()[0]}); running eagerly")
+            return None
+        captured = _CapturedWork(graph, inputs, output)
+        self._graphs[key] = captured
+        self.captures += 1
+        return captured
+
+    def _check_rope(self) -> None:
+        """The graphs read the model's RoPE tables; new tables (the model moved) invalidate them."""
+        rope = self.model.rope
+        if self._rope is not None and rope is not self._rope:
+            self.reset()
+        self._rope = rope
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _attention_inputs(attn: ChunkAttention) -> dict[str, torch.Tensor]:
+    inputs = {"page_table": attn.page_table, "num_pages": attn.num_pages, "frame_start": attn.frame_start}
+    if attn.write_pages is not None:
+        inputs["write_pages"] = attn.write_pages
+    return inputs
+
+
+def _same_shapes(a: TextContext, b: TextContext) -> bool:
+    return len(a.kv) == len(b.kv) and all(
+        ka.shape == kb.shape and va.shape == vb.shape and ka.dtype == kb.dtype and ka.device == kb.device
+        for (ka, va), (kb, vb) in zip(a.kv, b.kv))
+
+
+# -- eager-path helpers -------------------------------------------------------------------------------
+def nvtx_available() -> bool:
+    return profiling._nvtx is not None
+
+
+@contextmanager
+def model_call_ranges(model: torch.nn.Module, prefix: str):
+    """An NVTX range around every forward of ``model`` inside the block ("<prefix> 0", "<prefix> 1", ...).
+
+    Without the optional ``nvtx`` package this is a no-op; the hooks cost a few microseconds per call.
+    """
+    nvtx = profiling._nvtx
+    if nvtx is None:
+        yield
+        return
+    calls = [0]
+
+    def push(module, args):
+        nvtx.push_range(f"{prefix} {calls[0]}", domain="streamt1")
+        calls[0] += 1
+
+    def pop(module, args, output):
+        nvtx.pop_range(domain="streamt1")
+
+    handles = [model.register_forward_pre_hook(push), model.register_forward_hook(pop)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class NvtxEagerDenoiser(EagerDenoiser):
+    """The eager loop with one NVTX range per denoising step (profiler timelines only)."""
+
+    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
+        with model_call_ranges(self.model, "denoise_step"):
+            return super().denoise(noise, attn)
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Experimental: ``torch.compile`` every WanBlock (fuses the norm/modulation/gating elementwise work).
+
+    The custom Triton kernels inside may cause graph breaks; results match eager within float rounding,
+    not bit for bit. Returns the number of blocks compiled (0 where ``torch.compile`` is unavailable).
+    """
+    if not hasattr(torch, "compile"):
+        return 0
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise StreamT1Error("compile_blocks needs a model with a .blocks list of WanBlocks")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False)
+    return len(blocks)
+
+
+__all__ = ["CAPTURABLE_BACKENDS", "GRAPHS_NEED_CUDA", "GraphedDenoiser", "NvtxEagerDenoiser", "compile_blocks",
+           "model_call_ranges", "nvtx_available"]
