@@ -7,7 +7,8 @@ from helpers import BeamPages, RouteFlag, make_cache, text_context, tiny_model
 from streamt1_engine.config import SamplerConfig, StreamConfig
 from streamt1_engine.model.wan import ChunkAttention
 from streamt1_engine.sampler import context_pass, denoise_chunk, make_schedule
-from streamt1_engine.search.beam_search import BeamSearch, hybrid_weight, to_float, to_uint8
+from streamt1_engine.rewards import hybrid_weight
+from streamt1_engine.search.beam_search import BeamSearch, to_float, to_uint8
 from streamt1_engine.search.config import SearchConfig
 from streamt1_engine.search.noise import chunk_seed, draw_chunk_noise, propagate_noise
 from streamt1_engine.vae import SpaceToDepthVAE

@@ -16,6 +16,7 @@ import torch
 
 from ..cache import BeamPages, PagedKVCache, RouteFlag
 from ..errors import StreamT1Error
+from ..rewards.base import hybrid_weight, score
 from ..model.wan import ChunkAttention, TextContext
 from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
 from .config import SearchConfig
@@ -73,11 +74,6 @@ class ChunkRecord:
         return dict(self.__dict__)
 
 
-def hybrid_weight(start_frame: int, total_frames: int, chunk_frames: int, cap: float) -> float:
-    denom = total_frames - chunk_frames
-    return 0.0 if denom <= 0 else min(cap, start_frame / denom)
-
-
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]."""
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
@@ -89,18 +85,6 @@ def to_float(frames_u8: torch.Tensor) -> torch.Tensor:
 
 
 RewardFn = Callable[[torch.Tensor, str], torch.Tensor]
-
-
-def score_batch(reward: RewardFn, frames: torch.Tensor, prompt: str) -> torch.Tensor:
-    scores = reward(frames, prompt)
-    name = getattr(reward, "name", getattr(reward, "__name__", type(reward).__name__))
-    if not isinstance(scores, torch.Tensor) or scores.shape != (frames.shape[0],):
-        raise StreamT1Error(f"reward {name!r} must return a tensor of shape [{frames.shape[0]}], "
-                            f"got {getattr(scores, 'shape', type(scores).__name__)}")
-    scores = scores.float()
-    if not torch.isfinite(scores).all():
-        raise StreamT1Error(f"reward {name!r} returned non-finite scores")
-    return scores
 
 
 class EagerDenoiser:
@@ -225,8 +209,8 @@ class BeamSearch:
         weight = None
         if search.uses_rewards:
             with self._range("rewards"):
-                short = score_batch(self.short_reward, to_float(frames_u8), self.prompt)
-                long = score_batch(self.long_reward, self._window_video(parent_beams, frames_u8), self.prompt)
+                short = score(self.short_reward, to_float(frames_u8), self.prompt)
+                long = score(self.long_reward, self._window_video(parent_beams, frames_u8), self.prompt)
                 chunk_frames = self.latent_shape[1]
                 weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
                                        search.fusion_cap)
@@ -263,6 +247,7 @@ class BeamSearch:
                 self.cache.commit(beam.pages, page, beam.node.flag)
                 self.beams.append(beam)
             self.cache.flush(search.ema_alpha)
+            self._offload_frames()
 
         chunk_frames = self.latent_shape[1]
         record = ChunkRecord(
@@ -274,6 +259,15 @@ class BeamSearch:
         self.records.append(record)
         self.chunk_index += 1
         return record
+
+    def _offload_frames(self) -> None:
+        """Frames older than the long-term window are only needed for the output: keep them on the host, so
+        device memory stays flat however long the stream runs."""
+        keep = max(self.search.window_chunks, 1)
+        for beam in self.beams:
+            for node in beam.node.lineage()[:-keep]:
+                if node.frames.device.type != "cpu":
+                    node.frames = node.frames.cpu()
 
     # -- results ----------------------------------------------------------------------------------
     def final_chunks(self) -> list[ChunkNode]:
@@ -290,8 +284,9 @@ class BeamSearch:
     def choose_final(self, final_reward: RewardFn | None) -> tuple[int, list[float] | None]:
         if len(self.beams) == 1 or final_reward is None:
             return 0, None
-        videos = torch.stack([to_float(torch.cat([n.frames for n in b.node.lineage()])) for b in self.beams])
-        scores = score_batch(final_reward, videos, self.prompt).tolist()
+        videos = torch.stack([to_float(torch.cat([n.frames.to(self.device) for n in b.node.lineage()]))
+                              for b in self.beams])
+        scores = score(final_reward, videos, self.prompt).tolist()
         return max(range(len(scores)), key=lambda i: (scores[i], -i)), scores
 
     def release(self) -> None:
