@@ -223,3 +223,27 @@ def test_noise_propagation_keeps_unit_variance_and_reproduces():
     corr = torch.corrcoef(torch.stack([propagate_noise(parent, first.initial[1], -0.1).flatten(), parent.flatten()]))[0, 1]
     assert corr.item() == pytest.approx(-0.1, abs=0.02)
     assert chunk_seed(1, 2) != chunk_seed(2, 1)
+
+
+def test_long_stream_memory_is_flat_and_sink_is_bounded():
+    """More chunks than window + max sink: pages in use stop growing, the sink never exceeds its maximum."""
+    search = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, window_chunks=3, short_threshold=-1.0,
+                          long_threshold=-1.0)  # every chunk after the first is routed APPEND
+    num_chunks = STREAM.window_pages + STREAM.max_sink_pages + 6
+    model, vae, text = setup()
+    from streamt1_engine.cache import PagedKVCache
+    cache = PagedKVCache(model.config, STREAM, PagedKVCache.pages_needed(STREAM, 2, 4), torch.device("cpu"),
+                         torch.float32)
+    runner = BeamSearch(model=model, vae=vae, cache=cache, text=text, prompt="p", search=search, schedule=SCHEDULE,
+                        num_chunks=num_chunks, seed=1, latent_shape=(12, 3, STREAM.latent_height, STREAM.latent_width),
+                        short_reward=brightness, long_reward=smoothness, attention_backend="torch")
+    in_use = []
+    with torch.no_grad():
+        for _ in range(num_chunks):
+            record = runner.step()
+            assert all(f <= STREAM.max_sink_frames for f in record.sink_frames)
+            in_use.append(cache.pool.num_pages - cache.num_free)
+    assert runner.records[-1].sink_frames == [STREAM.max_sink_frames] * 2
+    steady = in_use[STREAM.window_pages + STREAM.max_sink_pages + 1:]
+    assert max(steady) <= 2 * STREAM.max_pages_per_beam and max(steady) == max(in_use)
+    assert cache.pool.num_pages == PagedKVCache.pages_needed(STREAM, 2, 4)  # preallocated once, never grown
