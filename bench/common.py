@@ -160,6 +160,13 @@ def build_engine(args, *, vae: str = "light", cuda_graphs: bool = False, **engin
                           **engine_kwargs)
 
 
+def parts_note(args) -> str:
+    vae = {"wan-random": "AutoencoderKLWan (Wan2.1 architecture) with random weights: the real decode cost",
+           "light": "weight-free space-to-depth stand-in: decode cost ~0, NOT the real Wan VAE's"}[args.vae]
+    dit = "toy random-weight DiT" if args.tiny else "random-weight Wan2.1-1.3B DiT"
+    return f"{dit}; VAE: {vae}; text encoder: weight-free hashed encoder (not umT5, once per prompt)"
+
+
 def chunks_for_seconds(seconds: float, chunk_frames: int = 3) -> int:
     """Chunks of a ``seconds`` long 16 fps Wan video: 5 s -> 7 chunks (21 latent frames), 30 s -> 40."""
     return max(1, round(seconds * VIDEO_FPS / (WAN_TEMPORAL_FACTOR * chunk_frames)))
@@ -275,7 +282,8 @@ def environment(args, script: str) -> dict[str, Any]:
     device = args.device
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "python": platform.python_version(), "git_commit": _git_commit(),
@@ -358,3 +366,95 @@ class Report:
         Path(paths["md"]).write_text(self.markdown())
         print(f"wrote {', '.join(paths.values())}")
         return paths
+
+
+# -- one chunk at steady state ------------------------------------------------------------------------------
+def beams_for(n: int) -> int:
+    """N candidates are B=2 children of N/2 beams (N=1: plain streaming, one beam)."""
+    return max(1, n // 2)
+
+
+def survivors_for(n: int) -> int:
+    """Stream-T1 with B=2 keeps K=N/2 candidates; they get the context pass."""
+    return max(1, n // 2)
+
+
+@dataclass
+class ChunkWork:
+    n: int
+    survivors: int
+    noise: Any  # ChunkNoise
+    attn: Any  # ChunkAttention of the candidates
+    context_attn: Any  # ChunkAttention of the survivors, with pages to write
+    kv_tokens: int  # keys each query attends to (cached pages + own chunk)
+    lq: int
+
+
+class ChunkSetup:
+    """A random DiT, one prompt's text K/V and a KV pool filled to the steady state of a long stream:
+    every beam attends to a full sink (shared) and its own full window; the chunk sits at ``chunk_index``."""
+
+    def __init__(self, args, max_n: int, *, sink_pages: int | None = None, window_pages: int | None = None,
+                 chunk_index: int = 40):
+        from streamt1_engine.cache import PagedKVCache
+        from streamt1_engine.sampler import make_schedule
+        from streamt1_engine.text_encoders import HashedTextEncoder
+
+        self.args, self.device = args, args.device
+        self.cfg, self.stream = model_config(args.tiny), stream_config(args.tiny)
+        self.sampler = SamplerConfig()
+        self.schedule = make_schedule(self.sampler)
+        self.model = random_dit(self.cfg, self.device, args.torch_dtype, seed=args.seed)
+        with torch.inference_mode():
+            states = HashedTextEncoder(self.cfg.text_dim, self.cfg.text_len, seed=args.seed).encode(
+                ["a red fox running through fresh snow"]).to(self.device)
+            self.text = self.model.encode_text(states)
+        self.sink_pages = self.stream.max_sink_pages if sink_pages is None else sink_pages
+        self.window_pages = self.stream.window_pages if window_pages is None else window_pages
+        self.chunk_index = chunk_index
+        cf = self.stream.chunk_frames
+        self.latent_shape = (self.cfg.in_channels, cf, self.stream.latent_height, self.stream.latent_width)
+        num_pages = self.sink_pages + beams_for(max_n) * self.window_pages + survivors_for(max_n)
+        merge = "triton" if args.backend == "triton" else "torch"
+        self.cache = PagedKVCache(self.cfg, self.stream, num_pages, self.device, args.torch_dtype, merge)
+        gen = torch.Generator(device=self.device).manual_seed(args.seed)
+        for pool in (self.cache.pool.k, self.cache.pool.v):
+            pool.normal_(generator=gen)
+        self.sink = [self._page(j * cf) for j in range(self.sink_pages)]
+        self.windows = [[self._page((chunk_index - self.window_pages + j) * cf) for j in range(self.window_pages)]
+                        for _ in range(beams_for(max_n))]
+        self.write_pages = [self._page(chunk_index * cf) for _ in range(survivors_for(max_n))]
+
+    def _page(self, frame: int) -> int:
+        page = self.cache.alloc()
+        self.cache.frame_pos[page] = frame
+        self.cache.pool.page_frame_pos[page] = frame
+        return page
+
+    def work(self, n: int) -> ChunkWork:
+        from streamt1_engine.cache import BeamPages
+        from streamt1_engine.model.wan import ChunkAttention
+        from streamt1_engine.search.noise import draw_chunk_noise
+
+        nb, k = beams_for(n), survivors_for(n)
+        beams = [BeamPages(list(self.sink), list(window)) for window in self.windows[:nb]]
+        start = self.chunk_index * self.stream.chunk_frames
+
+        def attention(parents, write=None):
+            table, counts = self.cache.page_table([beams[p] for p in parents])
+            frame_start = torch.full((len(parents),), start, dtype=torch.long, device=self.device)
+            return ChunkAttention(self.cache.pool, table, counts, frame_start, write, backend=self.args.backend)
+
+        write = torch.tensor(self.write_pages[:k], dtype=torch.long, device=self.device)
+        noise = draw_chunk_noise(list(range(self.args.seed, self.args.seed + n)), self.chunk_index,
+                                 self.latent_shape, self.schedule.num_steps, self.device)
+        lq = self.cache.page_tokens
+        kv_tokens = (self.sink_pages + self.window_pages) * self.cache.page_tokens + lq
+        return ChunkWork(n, k, noise, attention([i * nb // n for i in range(n)]),
+                         attention([j * nb // k for j in range(k)], write), kv_tokens, lq)
+
+    def chunk_flops(self, work: ChunkWork) -> float:
+        """All denoising steps of N candidates plus the context pass of the survivors."""
+        steps = self.schedule.num_steps
+        return (steps * forward_flops(self.cfg, work.n, work.lq, work.kv_tokens)
+                + forward_flops(self.cfg, work.survivors, work.lq, work.kv_tokens))

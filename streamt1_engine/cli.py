@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="frame height in pixels (model default)")
     gen.add_argument("--width", type=int, default=None, help="frame width in pixels (model default)")
     gen.add_argument("--fps", type=int, default=None, help="video frame rate (model default)")
+    gen.add_argument("--cuda-graphs", action="store_true", help="replay each chunk from CUDA graphs (CUDA only)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-v", "--verbose", action="store_true", help="log every chunk's search decisions")
     _search_flags(gen)
@@ -94,7 +95,7 @@ def generate(args) -> int:
     search = search_config(args)
     engine = StreamT1Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             attention_backend=args.attention_backend, text_encoder=args.text_encoder,
-                                            vae=args.vae, lora=args.lora)
+                                            vae=args.vae, lora=args.lora, cuda_graphs=args.cuda_graphs)
     bar = None
     seen = 0
 

@@ -4,8 +4,9 @@ A chunk's work has a fixed shape once the number of candidates N, the latent sha
 and the attention backend are fixed, and everything that changes between chunks (noise, page tables,
 frame positions, write pages) lives in device tensors. ``GraphedDenoiser`` therefore captures, per shape,
 one graph of the whole denoising loop (all steps for all candidates) and one of the clean context pass,
-and replays them after copying the new inputs into static buffers. This removes the launch overhead of a
-few thousand small kernels per chunk, which dominates at small batch.
+and replays them after copying the new inputs into static buffers. This removes the host cost of the
+thousands of kernel launches a chunk makes, which matters most where kernels are short (few candidates,
+small latents); ``bench/bench_chunk.py`` measures it against eager in the same run.
 
 What capture relies on (checked in the model and kernels):
   * the forward never reads device values on the host for the ``torch`` and ``triton`` attention
@@ -19,6 +20,7 @@ What capture relies on (checked in the model and kernels):
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -35,9 +37,30 @@ CAPTURABLE_BACKENDS = ("torch", "triton")
 GRAPHS_NEED_CUDA = "CUDA graphs need a CUDA device; running eagerly"
 
 
+class CudaGraphCapture:
+    """Warm up on a side stream, then capture into a graph memory pool shared by all graphs of one owner."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def capture(self, work: Callable[[], torch.Tensor | None], warmup_iters: int):
+        """Returns (replay, output): ``replay()`` reruns the captured work, which rewrites ``output``."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # lazy tables, Triton compilation and autotuning happen here
+            for _ in range(warmup_iters):
+                work()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            output = work()
+        return graph.replay, output
+
+
 @dataclass
 class _CapturedWork:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]
     inputs: dict[str, torch.Tensor]  # static buffers the graph reads
     output: torch.Tensor | None  # static buffer the graph writes (denoise: x0)
 
@@ -50,14 +73,17 @@ class GraphedDenoiser:
     """
 
     def __init__(self, model, schedule: Schedule, text: TextContext, pool: KVPool, context_timestep: float = 0.0,
-                 *, warmup_iters: int = 2):
-        require(torch.cuda.is_available() and pool.k.is_cuda, GRAPHS_NEED_CUDA.split(";")[0])
+                 *, warmup_iters: int = 2, capture: CudaGraphCapture | None = None):
+        if capture is None:  # ``capture`` is replaceable so the buffer plumbing can be tested without a GPU
+            require(torch.cuda.is_available() and pool.k.is_cuda, GRAPHS_NEED_CUDA.split(";")[0])
+            capture = CudaGraphCapture(pool.k.device)
         require(warmup_iters >= 1, "CUDA graph capture needs at least one warm-up iteration")
-        self.model, self.schedule, self.pool = model, schedule, pool
+        self.model, self.schedule = model, schedule
+        self._pool = weakref.ref(pool)  # a new pool must be freeable before it is allocated (engine._cache_for)
         self.context_timestep = context_timestep
         self.warmup_iters = warmup_iters
         self.device = pool.k.device
-        self.mempool = torch.cuda.graph_pool_handle()  # shared by every graph of this denoiser
+        self._capturer = capture
         self.captures = 0
         self.replays = 0
         self._graphs: dict[tuple, _CapturedWork | None] = {}  # None: capture failed, run eagerly
@@ -65,6 +91,11 @@ class GraphedDenoiser:
         self._rope = None
         self._text: TextContext | None = None
         self.set_text(text)
+
+    @property
+    def pool(self) -> KVPool | None:
+        """The pool the graphs were captured against (None once it is freed: then nothing matches it)."""
+        return self._pool()
 
     # -- static state -----------------------------------------------------------------------------
     def set_text(self, text: TextContext) -> None:
@@ -88,34 +119,33 @@ class GraphedDenoiser:
 
     # -- the denoiser interface -------------------------------------------------------------------
     def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
-        if not self._capturable(attn):
-            return denoise_chunk(self.model, self.schedule, noise, self._text, attn)
-        n = noise.initial.shape[0]
-        key = ("denoise", n, tuple(noise.initial.shape[1:]), attn.page_table.shape[1], attn.backend,
-               noise.initial.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the static buffers are inference tensors
+            if not self._capturable(attn):
+                return denoise_chunk(self.model, self.schedule, noise, self._text, attn)
+            key = ("denoise", noise.initial.shape[0], tuple(noise.initial.shape[1:]), attn.page_table.shape[1],
+                   attn.backend, noise.initial.dtype)
             sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn)}
+            backend = attn.backend  # the work must not hold ``attn`` (and with it the pool)
 
             def work(buf):
                 return denoise_chunk(self.model, self.schedule, ChunkNoise(buf["initial"], buf["renoise"]),
-                                     self._text, self._static_attention(buf, attn.backend))
+                                     self._text, self._static_attention(buf, backend))
 
-            out = self._run(key, sources, work)
-            return out.clone()
+            return self._run(key, sources, work).clone()
 
     def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
         require(attn.write_pages is not None, "the context pass needs pages to write")
-        if not self._capturable(attn):
-            context_pass(self.model, x0, self._text, attn, self.context_timestep)
-            return
-        key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype)
         with torch.inference_mode():
+            if not self._capturable(attn):
+                context_pass(self.model, x0, self._text, attn, self.context_timestep)
+                return
+            key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype)
             sources = {"x0": x0, **_attention_inputs(attn)}
+            backend = attn.backend
 
             def work(buf):
-                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, attn.backend),
+                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, backend),
                              self.context_timestep)
-                return None
 
             self._run(key, sources, work)
 
@@ -148,28 +178,20 @@ class GraphedDenoiser:
         else:
             for name, src in sources.items():
                 captured.inputs[name].copy_(src)
-        captured.graph.replay()
+        captured.replay()
         self.replays += 1
         return captured.output
 
     def _capture(self, key, sources, work) -> _CapturedWork | None:
         inputs = {name: src.clone() for name, src in sources.items()}  # allocated outside the graph pool
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy tables, Triton compilation and autotuning
-            for _ in range(self.warmup_iters):
-                work(inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.mempool):
-                output = work(inputs)
+            replay, output = self._capturer.capture(lambda: work(inputs), self.warmup_iters)
         except RuntimeError as exc:  # an op that cannot be captured: keep the results, lose the speed-up
             self._graphs[key] = None
             self._warn_once(f"capture{key}", f"CUDA graph capture of {key[0]} (N={key[1]}) failed "
                                              f"({str(exc).splitlines()[0]}); running eagerly")
             return None
-        captured = _CapturedWork(graph, inputs, output)
+        captured = _CapturedWork(replay, inputs, output)
         self._graphs[key] = captured
         self.captures += 1
         return captured
@@ -240,7 +262,7 @@ class NvtxEagerDenoiser(EagerDenoiser):
             return super().denoise(noise, attn)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """Experimental: ``torch.compile`` every WanBlock (fuses the norm/modulation/gating elementwise work).
 
     The custom Triton kernels inside may cause graph breaks; results match eager within float rounding,
@@ -252,9 +274,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
     if blocks is None:
         raise StreamT1Error("compile_blocks needs a model with a .blocks list of WanBlocks")
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=False)
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
     return len(blocks)
 
 
-__all__ = ["CAPTURABLE_BACKENDS", "GRAPHS_NEED_CUDA", "GraphedDenoiser", "NvtxEagerDenoiser", "compile_blocks",
-           "model_call_ranges", "nvtx_available"]
+__all__ = ["CAPTURABLE_BACKENDS", "GRAPHS_NEED_CUDA", "CudaGraphCapture", "GraphedDenoiser", "NvtxEagerDenoiser",
+           "compile_blocks", "model_call_ranges", "nvtx_available"]

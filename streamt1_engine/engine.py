@@ -133,7 +133,6 @@ class StreamT1Engine:
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
         self._cache: PagedKVCache | None = None
-        # -- CUDA graphs / compile (cuda_graphs.py) --
         self.sync_stages = sync_stages
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if cuda_graphs and not self.cuda_graphs:
@@ -141,7 +140,6 @@ class StreamT1Engine:
         self._graphed = None  # GraphedDenoiser bound to self._cache's pool
         if compile_blocks:
             compile_dit_blocks(self.model)
-        # -- end CUDA graphs / compile --
         self.schedule = make_schedule(config.sampler)
         require(vae.latent_channels == config.model.in_channels,
                 f"VAE latent channels ({vae.latent_channels}) != model input channels ({config.model.in_channels})")
@@ -221,7 +219,6 @@ class StreamT1Engine:
         cache.reset()
         return cache
 
-    # -- CUDA graphs / NVTX (cuda_graphs.py) --
     def _denoiser_for(self, cache: PagedKVCache, text):
         """Graphs are kept across runs while the pool is reused; None means BeamSearch's eager default."""
         if self.cuda_graphs:
@@ -235,13 +232,21 @@ class StreamT1Engine:
         if self.use_nvtx and nvtx_available():
             return NvtxEagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
         return None
-    # -- end CUDA graphs / NVTX --
 
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
-               width: int | None = None, progress: Callable[[int, int], None] | None = None,
-               _result: dict | None = None) -> Iterator[StreamChunk]:
-        """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick."""
+               width: int | None = None, progress: Callable[[int, int], None] | None = None) -> Iterator[StreamChunk]:
+        """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick.
+
+        ``search``: "none", "best_of_n", "stream_t1" or a SearchConfig. Rewards: names, reward objects or
+        callables ``f(frames [N, T, 3, H, W] in [0, 1], prompt) -> [N]`` (defaults: the model's, else the
+        weight-free built-ins). ``progress(done, total)`` is called after every chunk."""
+        return self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, short_reward=short_reward,
+                            long_reward=long_reward, final_reward=final_reward, height=height, width=width,
+                            progress=progress, info=None)
+
+    def _stream(self, prompt, *, num_chunks, seed, search, short_reward, long_reward, final_reward, height, width,
+                progress, info: dict | None) -> Iterator[StreamChunk]:
         search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
         short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
         timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages)
@@ -272,8 +277,8 @@ class StreamT1Engine:
                 best, beam_scores = runner.choose_final(final)
             for node in runner.beams[best].node.lineage()[emitted:]:
                 yield _to_stream_chunk(node)
-            if _result is not None:
-                _result.update(
+            if info is not None:
+                info.update(
                     records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
                     search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
                     device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
@@ -287,7 +292,11 @@ class StreamT1Engine:
                  **kwargs) -> GenerationResult:
         """Run the whole stream and return frames uint8 [T, H, W, 3], latents and the per-chunk records."""
         info: dict[str, Any] = {}
-        chunks = list(self.stream(prompt, num_chunks=num_chunks, seed=seed, search=search, _result=info, **kwargs))
+        options = dict(short_reward=None, long_reward=None, final_reward=None, height=None, width=None, progress=None)
+        unknown = set(kwargs) - set(options)
+        require(not unknown, f"unknown generate() options: {sorted(unknown)}")
+        options.update(kwargs)
+        chunks = list(self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, info=info, **options))
         records = info.pop("records")
         frames = torch.cat([c.frames for c in chunks])
         latents = torch.cat([c.latents for c in chunks], dim=1)

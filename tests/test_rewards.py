@@ -2,6 +2,7 @@
 random checkpoints built here in the real formats (CLIP, HPSv3, VideoAlign)."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -12,9 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamt1_engine.errors import StreamT1Error
-from streamt1_engine.rewards import (CallableReward, ClipTextAlignment, MotionSmoothness, SharpnessExposure,
-                                     TemporalConsistency, WeightedSum, build_reward, default_long_reward,
-                                     default_short_reward, hybrid_score, hybrid_weight, known_rewards, score)
+from streamt1_engine.rewards import (
+    CallableReward,
+    ClipTextAlignment,
+    MotionSmoothness,
+    SharpnessExposure,
+    TemporalConsistency,
+    WeightedSum,
+    build_reward,
+    default_long_reward,
+    default_short_reward,
+    hybrid_score,
+    hybrid_weight,
+    known_rewards,
+    score,
+)
 from streamt1_engine.rewards.qwen2vl import VisionGeometry, mrope_positions, patchify
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -189,6 +202,32 @@ def test_build_reward_names_dicts_lists_and_callables():
     assert default_short_reward()(frames, "").shape == (2,)
 
 
+def test_register_reward_adds_names_but_keeps_built_ins():
+    from streamt1_engine.rewards import register_reward
+    from streamt1_engine.rewards.registry import BUILDERS
+
+    class Brightness:
+        kind = "video"
+
+        def __init__(self, path=None, gain=1.0):
+            self.name, self.path, self.gain = "brightness", path, gain
+
+        def __call__(self, frames, prompt):
+            return self.gain * frames.mean(dim=(1, 2, 3, 4))
+
+    try:
+        register_reward("Brightness_Test", Brightness, takes_path=True)
+        built = build_reward({"name": "brightness_test", "path": "somewhere", "gain": 2.0})
+        assert isinstance(built, Brightness) and built.path == "somewhere" and built.gain == 2.0
+        assert "brightness_test" in known_rewards()
+    finally:
+        BUILDERS.pop("brightness_test", None)
+    with pytest.raises(StreamT1Error, match="cannot register"):
+        register_reward("temporal_consistency", Brightness)
+    with pytest.raises(StreamT1Error, match="callable"):
+        register_reward("not_callable", 3)
+
+
 def test_build_reward_errors_name_the_problem():
     with pytest.raises(StreamT1Error, match="unknown reward 'aesthetics'.*temporal_consistency"):
         build_reward("aesthetics")
@@ -213,8 +252,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
-WORDS = ("a the of and to is on in with cat dog red ball rolling image video rating quality visual motion text "
-         "prompt overall score user assistant").split()
+WORDS = ["a", "the", "of", "and", "to", "is", "on", "in", "with", "cat", "dog", "red", "ball", "rolling", "image", "video", "rating", "quality", "visual", "motion", "text", "prompt", "overall", "score", "user", "assistant"]
 
 
 def tiny_tokenizer(extra_specials=(), chat_template=CHAT_TEMPLATE, eos=None):
@@ -240,11 +278,11 @@ def qwen_config(vocab_size: int):
                                                        ("vision_start_token_id", "<|vision_start|>"),
                                                        ("vision_end_token_id", "<|vision_end|>")]}
     return Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
-                           spatial_merge_size=2, temporal_patch_size=2), **ids)
+        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "bos_token_id": None, "eos_token_id": None,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}},
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 2,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2}, **ids)
 
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -282,6 +320,22 @@ def old_layout(model) -> dict:
     return out
 
 
+def image_processor():
+    """transformers' own (PIL-backed) Qwen2-VL image preprocessing, the reference for our torch version."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as cls
+    return cls(patch_size=2, merge_size=2, temporal_patch_size=2, image_mean=MEAN, image_std=STD)
+
+
+def token_types(model, ids, pad_id, modality):
+    """Newer transformers derive the 3-D rope index from per-token modality ids; older ones from input_ids."""
+    if "mm_token_type_ids" not in inspect.signature(model.get_rope_index).parameters:
+        return {}
+    return {"mm_token_type_ids": (ids == pad_id).int() * (1 if modality == "image" else 2)}
+
+
 def reference_hidden(model, tokenizer, text, pixels, grid, modality):
     """Hidden states the transformers way: its own placeholder expansion, token types and 3-D rope index."""
     pad_id = model.config.image_token_id if modality == "image" else model.config.video_token_id
@@ -290,10 +344,9 @@ def reference_hidden(model, tokenizer, text, pixels, grid, modality):
     messages = [{"role": "user", "content": [{"type": modality}, {"type": "text", "text": text}]}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer(rendered.replace(pad, pad * count), add_special_tokens=False)["input_ids"]])
-    kinds = (ids == pad_id).int() * (1 if modality == "image" else 2)
     key = "image" if modality == "image" else "video"
     with torch.no_grad():
-        out = model(input_ids=ids, mm_token_type_ids=kinds, **{
+        out = model(input_ids=ids, **token_types(model, ids, pad_id, modality), **{
             ("pixel_values" if key == "image" else "pixel_values_videos"): pixels,
             f"{key}_grid_thw": torch.tensor([grid])}).last_hidden_state
     return ids[0], out[0]
@@ -306,12 +359,8 @@ GEOMETRY = VisionGeometry(patch_size=2, temporal_patch_size=2, merge_size=2, min
 
 
 def test_patchify_matches_transformers_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     image = torch.rand(3, 8, 12)
-    processor = Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2, image_mean=MEAN,
-                                         image_std=STD)
-    expected = processor(images=[image.permute(1, 2, 0).numpy()], do_resize=False, do_rescale=False,
+    expected = image_processor()(images=[image.permute(1, 2, 0).numpy()], do_resize=False, do_rescale=False,
                          return_tensors="pt")
     normalized = (image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     ours = patchify(normalized[None, None].expand(1, 2, 3, 8, 12), GEOMETRY)
@@ -346,9 +395,9 @@ def test_mrope_positions_match_transformers_rope_index():
         merged = (grid[0], grid[1] // 2, grid[2] // 2)
         count = int(np.prod(merged))
         ids = torch.tensor([[2, 9, 4] + [pad] * count + [5, 10, 11, 3]])
-        kinds = (ids == pad).int() * (1 if pad == 6 else 2)
-        kwargs = {"image_grid_thw": torch.tensor([grid])} if pad == 6 else {"video_grid_thw": torch.tensor([grid])}
-        expected, _ = model.get_rope_index(ids, mm_token_type_ids=kinds, **kwargs)
+        modality = "image" if pad == 6 else "video"
+        expected, _ = model.get_rope_index(ids, **token_types(model, ids, pad, modality),
+                                           **{f"{modality}_grid_thw": torch.tensor([grid])})
         assert torch.equal(mrope_positions(ids.shape[1], 3, merged), expected[:, 0])
 
 
@@ -376,7 +425,6 @@ def make_hpsv3(tmp_path, seed=0):
 
 def test_hpsv3_matches_an_independent_transformers_forward(tmp_path):
     from streamt1_engine.rewards.models import HPSv3Reward
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     base, ckpt, model, head = make_hpsv3(tmp_path)
     reward = HPSv3Reward(str(ckpt), base=str(base), pixels=8 * 12)
@@ -387,8 +435,7 @@ def test_hpsv3_matches_an_independent_transformers_forward(tmp_path):
     assert not torch.allclose(scores[0], scores[1])
 
     tokenizer = reward.scorer.tokenizer
-    processor = Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2, image_mean=MEAN,
-                                         image_std=STD)
+    processor = image_processor()
     text = reward.template.replace("{prompt}", "a red ball")
     expected = []
     for image in frames.flatten(0, 1):
@@ -403,6 +450,7 @@ def test_hpsv3_matches_an_independent_transformers_forward(tmp_path):
 
 def test_hpsv3_resizes_batches_and_accepts_new_key_layout(tmp_path):
     from safetensors.torch import load_file, save_file
+
     from streamt1_engine.rewards.models import HPSv3Reward
 
     base, ckpt, _, _ = make_hpsv3(tmp_path)
@@ -412,13 +460,16 @@ def test_hpsv3_resizes_batches_and_accepts_new_key_layout(tmp_path):
     weights_file = tmp_path / "new_layout.safetensors"
     save_file(new, str(weights_file))
     frames = torch.rand(3, 2, 3, 20, 30)
-    a = HPSv3Reward(str(ckpt), base=str(base), max_batch=2)(frames, "a cat")
-    b = HPSv3Reward(str(weights_file), base=str(base), max_batch=8)(frames, "a cat")
-    assert a.shape == (3,) and torch.allclose(a, b, atol=1e-5)
+    a = HPSv3Reward(str(ckpt), base=str(base), pixels=96, max_batch=2)
+    b = HPSv3Reward(str(weights_file), base=str(base), pixels=96, max_batch=8)
+    assert a.scorer.geometry.size_for(20, 30, 96, 96) == (8, 12)
+    assert torch.allclose(a(frames, "a cat"), b(frames, "a cat"), atol=1e-5)
+    assert a(frames, "a cat").shape == (3,)
 
 
 def test_hpsv3_errors(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
+
     from streamt1_engine.rewards.models import HPSv3Reward
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -513,7 +564,7 @@ def test_videoalign_merges_lora_and_matches_an_independent_forward(tmp_path):
         normalized = (clip - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
         pixels = patchify(normalized[None], reward.scorer.geometry)
         ids, hidden = reference_hidden(reference, tokenizer, text, pixels, (2, 6, 8), "video")
-        positions = [(ids == tokenizer.convert_tokens_to_ids(t)).nonzero()[0, 0] for t in VA_TOKENS]
+        positions = torch.stack([(ids == tokenizer.convert_tokens_to_ids(t)).nonzero()[0, 0] for t in VA_TOKENS])
         expected.append(head(hidden[positions])[:, 0])
     expected = torch.stack(expected)
     assert torch.allclose(dims, expected, atol=1e-4), (dims, expected)
@@ -544,8 +595,12 @@ def test_videoalign_errors(tmp_path, monkeypatch):
     with pytest.raises(StreamT1Error, match="VideoAlign weights not found"):
         VideoAlignReward(str(tmp_path / "missing"))
     root, _, _ = make_videoalign(tmp_path)
+    direct = VideoAlignReward(str(root / "checkpoint-7" / "model.pth"), normalize=False, min_pixels=16)
+    assert direct.scorer.tokenizer.convert_tokens_to_ids("<|TA_reward|>") == len(tiny_tokenizer()) + 2
     with pytest.raises(StreamT1Error, match="dims"):
         VideoAlignReward(str(root), dims=("VQ", "fun"))
+    with pytest.raises(StreamT1Error, match="base files not found"):
+        VideoAlignReward(str(root), base=str(tmp_path / "no-base"))
     settings = json.loads((root / "model_config.json").read_text())
     del settings["inference_config"]
     (root / "model_config.json").write_text(json.dumps(settings))
@@ -555,8 +610,6 @@ def test_videoalign_errors(tmp_path, monkeypatch):
     (root / "model_config.json").write_text(json.dumps(settings))
     with pytest.raises(StreamT1Error, match="LoRA"):
         VideoAlignReward(str(root), normalize=False)
-    direct = VideoAlignReward(str(root / "checkpoint-7" / "model.pth"), normalize=False, min_pixels=16)
-    assert direct.scorer.tokenizer.convert_tokens_to_ids("<|TA_reward|>") == len(tiny_tokenizer()) + 2
 
 
 # ---------------------------------------------------------------------------------------------------- CLIP
@@ -568,10 +621,10 @@ def make_clip(tmp_path):
     tokenizer = tiny_tokenizer(chat_template=None, eos="<|endoftext|>")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8), projection_dim=8)
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8}, projection_dim=8)
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
     model.save_pretrained(directory)

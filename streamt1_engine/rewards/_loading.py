@@ -12,11 +12,11 @@ from ..hub import resolve_model_dir
 
 
 def locate(path_or_hub_id: str, what: str, allow_patterns=None) -> Path:
-    """A local file/folder or hub snapshot; any failure becomes one StreamT1Error naming the reward."""
+    """A local file/folder or hub snapshot; any failure becomes one StreamT1Error naming ``what`` was sought."""
     try:
         return resolve_model_dir(path_or_hub_id, allow_patterns=allow_patterns)
     except StreamT1Error as exc:
-        raise StreamT1Error(f"{what} weights not found: {exc}") from None
+        raise StreamT1Error(f"{what} not found: {exc}") from None
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -7,7 +7,8 @@ frames float ``[N, T, 3, H, W]`` in [0, 1] returns float32 scores ``[N]`` on the
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -156,7 +156,7 @@ class ClipTextAlignment(DeviceFollower, ImageReward):
     def __init__(self, model: str = "openai/clip-vit-base-patch32", dtype: torch.dtype | None = None):
         from transformers import AutoTokenizer, CLIPModel
 
-        directory = locate(model, "CLIP", allow_patterns=_CLIP_FILES)
+        directory = locate(model, "CLIP weights", allow_patterns=_CLIP_FILES)
         try:
             self.module = CLIPModel.from_pretrained(directory).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(directory)

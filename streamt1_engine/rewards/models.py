@@ -20,8 +20,15 @@ import torch
 from ..errors import StreamT1Error
 from ._loading import locate, read_json
 from .base import ImageReward, check_frames
-from .qwen2vl import (BASE_FILES, Qwen2VLScorer, backbone_state, build_backbone, build_head, load_tokenizer,
-                      read_geometry)
+from .qwen2vl import (
+    BASE_FILES,
+    Qwen2VLScorer,
+    backbone_state,
+    build_backbone,
+    build_head,
+    load_tokenizer,
+    read_geometry,
+)
 
 HPSV3_TEMPLATE = (
     "You are rating an AI-generated image for human preference. Consider its visual quality (plausible content, "
@@ -101,11 +108,11 @@ class HPSv3Reward(ImageReward):
                  pixels: int = 256 * 28 * 28, max_batch: int = 32, dtype: torch.dtype | None = None):
         what = "HPSv3"
         self.template = _check_template(template or HPSV3_TEMPLATE, ["<|Reward|>"], what)
-        located = locate(checkpoint, what, allow_patterns=["HPSv3.safetensors", "*.json"])
+        located = locate(checkpoint, what + " weights", allow_patterns=["HPSv3.safetensors", "*.json"])
         weights = located if located.is_file() else _weights_in(located, ("HPSv3.safetensors",), what)
         own_base = located.is_dir() and (located / "config.json").is_file() and base is None
-        base_dir = located if own_base else locate(base or "Qwen/Qwen2-VL-7B-Instruct", what + " base",
-                                                   allow_patterns=BASE_FILES)
+        base_dir = located if own_base else locate(base or "Qwen/Qwen2-VL-7B-Instruct",
+                                                   what + " base files", allow_patterns=BASE_FILES)
         config = _qwen_config(base_dir, what)
         backbone_weights, head_weights = backbone_state(_load_state(weights, what), what)
         self.scorer = Qwen2VLScorer(build_backbone(config, backbone_weights, what), build_head(head_weights, what),
@@ -176,15 +183,17 @@ class VideoAlignReward:
         self.template = _check_template(template or VIDEOALIGN_TEMPLATE, _VIDEOALIGN_TOKENS, what)
         if not dims or any(d not in VIDEOALIGN_DIMS for d in dims):
             raise StreamT1Error(f"{what}: dims must be a non-empty subset of {VIDEOALIGN_DIMS}, got {dims}")
-        located = locate(checkpoint, what, allow_patterns=["model_config.json", "checkpoint-*/model.pth",
-                                                           "checkpoint-*/tokenizer/*"])
-        root = located.parent if located.is_file() else located
-        settings = read_json(root / "model_config.json", what) if (root / "model_config.json").is_file() else {}
+        located = locate(checkpoint, what + " weights",
+                         allow_patterns=["model_config.json", "checkpoint-*/model.pth", "checkpoint-*/tokenizer/*"])
+        # model_config.json sits next to the checkpoint-N folders; a weight file may be given directly
+        search = [located] if located.is_dir() else [located.parent, located.parent.parent]
+        settings_file = next((d / "model_config.json" for d in search if (d / "model_config.json").is_file()), None)
+        settings = read_json(settings_file, what) if settings_file else {}
         weights = located if located.is_file() else _latest_checkpoint(located, what)
         model_cfg, data_cfg = settings.get("model_config", {}), settings.get("data_config", {})
         peft = settings.get("peft_lora_config", {})
         base_id = base or model_cfg.get("model_name_or_path") or "Qwen/Qwen2-VL-2B-Instruct"
-        base_dir = locate(base_id, what + " base (pass base= to override)", allow_patterns=BASE_FILES)
+        base_dir = locate(base_id, what + " base files", allow_patterns=BASE_FILES)
         config = _qwen_config(base_dir, what)
         scale = None
         if peft.get("lora_r") and peft.get("lora_alpha"):

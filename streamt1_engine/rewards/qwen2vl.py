@@ -139,8 +139,18 @@ def backbone_state(state: dict, what: str) -> tuple[dict, dict]:
     return backbone, head
 
 
+def _check_transformers(what: str) -> None:
+    """``Qwen2VLModel`` holds the vision tower only since transformers 4.52 (before, it was the text model)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    if (major, minor) < (4, 52):
+        raise StreamT1Error(f"{what} needs transformers >= 4.52, found {transformers.__version__}")
+
+
 def build_backbone(config, weights: dict, what: str) -> nn.Module:
     """``Qwen2VLModel`` with exactly the given weights (every parameter must be present, shapes must match)."""
+    _check_transformers(what)
     from transformers import Qwen2VLModel
 
     embed = weights.get("language_model.embed_tokens.weight")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import StreamT1Error
 from .base import KINDS, CallableReward, WeightedSum
@@ -42,6 +42,20 @@ BUILDERS: dict[str, tuple[Callable, bool]] = {
     "hpsv3": (_hpsv3, True),
     "videoalign": (_videoalign, True),
 }
+
+
+_BUILT_IN = frozenset(BUILDERS)
+
+
+def register_reward(name: str, factory: Callable, takes_path: bool = False) -> None:
+    """Make ``factory`` buildable as ``"name"`` (and ``"name:path"`` when ``takes_path``; the path is passed as
+    the first argument). Built-in names cannot be replaced."""
+    key = name.strip().lower()
+    if not key or ":" in key or key in _BUILT_IN:
+        raise StreamT1Error(f"cannot register a reward under the name {name!r}")
+    if not callable(factory):
+        raise StreamT1Error(f"reward factory for {name!r} must be callable")
+    BUILDERS[key] = (lambda: factory, takes_path)
 
 
 def known_rewards() -> list[str]:
