@@ -65,7 +65,7 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
     sampler = SamplerConfig(**sampler_spec)
     weights = directory / spec.get("weights", "dit.safetensors")
     require(weights.exists(), f"missing weights file {weights}")
-    model = load_dit(str(weights), config=model_cfg, fmt="original", lora=lora, device="cpu", dtype=torch.float32,
+    model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, device="cpu", dtype=torch.float32,
                      max_frames=stream.max_frames)
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
     vae = build_vae(spec["vae"], directory, device, torch.float32)

@@ -78,7 +78,8 @@ def _components(mask: torch.Tensor):
     least 3 pixels [M]."""
     m, h, w = mask.shape
     labels = connected_components(mask).flatten(1)
-    counts = torch.zeros(m, h * w + 1, device=mask.device).scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+    counts = torch.zeros(m, h * w + 1, device=mask.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
     counts[:, 0] = 0
     largest = counts.argmax(dim=1)
     big = (counts >= 3).sum(dim=1)

@@ -25,7 +25,7 @@ FPS = 8
 
 
 def tiny_wan_config() -> WanConfig:
-    return WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=4, in_channels=48, out_channels=48,
+    return WanConfig(dim=192, ffn_dim=384, num_heads=4, num_layers=4, in_channels=48, out_channels=48,
                      text_dim=64, text_len=16, freq_dim=64)
 
 

@@ -113,9 +113,12 @@ def shape_mask(shape: str, centres: torch.Tensor, size: float, height: int, widt
 
 
 def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_object_prob: float = 0.3,
-                 speed_change_prob: float = 0.25) -> SceneSpec:
-    """A scene with 1-2 objects that start on the side opposite their direction (so they visibly move
-    as named before any bounce); two objects sometimes share a lane so that one occludes the other."""
+                 speed_change_prob: float = 0.1) -> SceneSpec:
+    """A scene with 1-2 objects. Each starts by the edge opposite its direction, in the middle lane (a
+    second object moving along the same axis takes a side lane, one on the other axis crosses the first:
+    occlusion), with a little jitter. Start positions are nearly fixed by the prompt because a few-step
+    sampler can only produce sharp objects where the prompt leaves little doubt about where they are;
+    sizes, speeds and speed changes vary."""
     background = rng.choice(BACKGROUND_COLOURS)
     count = 2 if rng.random() < two_object_prob else 1
     objects: list[ObjectSpec] = []
@@ -124,21 +127,19 @@ def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_obje
         colour = rng.choice([c for c in OBJECT_COLOURS if c not in taken])
         shape = rng.choice(SHAPES)
         direction = rng.choice(tuple(DIRECTIONS))
-        size = rng.uniform(4.5, 6.0)
+        size = rng.uniform(4.75, 5.75)
         dx, dy = DIRECTIONS[direction]
         along_extent, across_extent = (width, height) if dx else (height, width)
-        along = size + rng.uniform(0.0, 4.0)
+        along = size + rng.uniform(0.0, 1.5)
         if dx < 0 or dy < 0:
             along = along_extent - along
-        if i == 1 and rng.random() < 0.5:
-            prev = objects[0]
-            across = prev.start[1] if dx else prev.start[0]  # same lane: paths cross (occlusion)
-            across = min(max(across, size), across_extent - size)
-        else:
-            across = rng.uniform(across_extent / 2 - 8, across_extent / 2 + 8)
+        lane = across_extent / 2
+        if i == 1 and (DIRECTIONS[objects[0].direction][0] != 0) == (dx != 0):
+            lane += 9  # same axis as the first object: a side lane
+        across = min(max(lane + rng.uniform(-1.5, 1.5), size), across_extent - size)
         start = (along, across) if dx else (across, along)
         change = rng.randrange(3, 12) if rng.random() < speed_change_prob else 10 ** 6
-        objects.append(ObjectSpec(colour, shape, direction, size, start, rng.uniform(1.0, 2.0), change,
+        objects.append(ObjectSpec(colour, shape, direction, size, start, rng.uniform(1.25, 1.75), change,
                                   rng.choice((0.5, 1.5))))
     return SceneSpec(background, objects)
 
@@ -176,15 +177,26 @@ def make_sample(seed: int, index: int, num_frames: int = 12, width: int = 32, he
 
 def streaming_times(rng: random.Random, num_chunks: int, chunk_frames: int, max_gap_chunks: int = 12,
                     gap_prob: float = 0.5) -> torch.Tensor:
-    """Frame times for training clips that look like a streaming cache: with probability ``gap_prob`` the
-    first chunk (the sink) is followed by a jump in time, as when a long video keeps its first frames
-    while the window has moved on; the other chunks are consecutive."""
-    gap = 0
+    """Frame times of a training clip shaped like a streaming cache. With probability ``gap_prob`` time
+    jumps after the first chunk (the sink, once the window has moved on) and sometimes after the second
+    too (a chunk appended to the sink by memory sinking); the remaining chunks are consecutive."""
+    starts = [0]
+    gaps_after = set()
     if rng.random() < gap_prob:
-        gap = chunk_frames * rng.randint(1, max_gap_chunks)
-    times = list(range(chunk_frames))
-    times += [t + gap for t in range(chunk_frames, num_chunks * chunk_frames)]
-    return torch.tensor(times)
+        gaps_after = {0, 1} if num_chunks > 3 and rng.random() < 0.4 else {0}
+    for k in range(1, num_chunks):
+        gap = chunk_frames * rng.randint(1, max_gap_chunks) if (k - 1) in gaps_after else 0
+        starts.append(starts[-1] + chunk_frames + gap)
+    return torch.tensor([s + j for s in starts for j in range(chunk_frames)])
+
+
+def contiguous_chunks(times: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """bool [..., num_chunks]: the chunk directly follows the previous one in time (the first always does).
+    Only such chunks are ever generated while streaming; the others are context only."""
+    first = times[..., ::chunk_frames]
+    prev_last = times[..., chunk_frames - 1::chunk_frames]
+    follows = first[..., 1:] == prev_last[..., :-1] + 1
+    return torch.cat([torch.ones_like(follows[..., :1]), follows], dim=-1)
 
 
 class ProceduralVideos:
@@ -201,9 +213,8 @@ class ProceduralVideos:
                            two_object_prob=self.two_object_prob)
 
     def streaming_batch(self, start: int, batch: int, num_chunks: int, chunk_frames: int, gap_prob: float = 0.5):
-        """Frames [B, T, 3, H, W], prompts, frame times [B, T] and whether each clip has a gap after its
-        first chunk [B], for samples ``start .. start + batch - 1``."""
-        frames, prompts, times, gapped = [], [], [], []
+        """Frames [B, T, 3, H, W], prompts and frame times [B, T] of samples ``start .. start + batch - 1``."""
+        frames, prompts, times = [], [], []
         for index in range(start, start + batch):
             rng = random.Random(sample_seed(self.seed, index) ^ 0x5EED)
             t = streaming_times(rng, num_chunks, chunk_frames, gap_prob=gap_prob)
@@ -212,8 +223,7 @@ class ProceduralVideos:
             frames.append(s.frames)
             prompts.append(s.prompt)
             times.append(t)
-            gapped.append(bool(t[-1] + 1 > len(t)))
-        return torch.stack(frames), prompts, torch.stack(times), torch.tensor(gapped)
+        return torch.stack(frames), prompts, torch.stack(times)
 
 
 @dataclass

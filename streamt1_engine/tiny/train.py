@@ -1,15 +1,16 @@
 """Train the embedded tiny streaming video model on procedural videos (CPU, minutes).
 
-    python -m streamt1_engine.tiny.train --out DIR [--minutes 25 --steps 2400 --seed 0]
+    python -m streamt1_engine.tiny.train --out DIR [--steps 2000 --minutes 30 --seed 0]
 
 A causal Wan DiT and the tiny text encoder learn jointly by flow matching with teacher forcing: each
 sample is [clean frames at timestep 0 | noisy frames], every noisy chunk of 3 frames has its own
-timestep and attends to the clean chunks before it and to itself. Clips are 5 chunks; half of them jump
-in time after the first chunk, as the streaming cache does once the window has moved away from the sink
-(the chunk right after such a jump is context only, no loss). Timesteps follow the sampler's shifted
-schedule, half of them exactly the 4 warped steps used at inference. Training stops at ``--steps`` or
-``--minutes``, whichever comes first (the learning-rate schedule follows the nearer one), and the model
-directory is rewritten every few minutes so an interrupted run still leaves usable weights.
+timestep and attends to the clean chunks before it and to itself. Clips are 4 chunks; half of them jump
+in time after the first chunk (and sometimes the second), as the streaming cache does once the window
+has moved away from the sink (a chunk right after such a jump is context only: no loss). Timesteps
+follow the sampler's shifted schedule, three quarters of them exactly the 4 warped steps used at
+inference; the loss weighs object pixels up. Training stops at ``--steps`` or ``--minutes``, whichever comes first (the
+learning-rate schedule follows the nearer one), and the model directory is rewritten every few minutes
+so an interrupted run still leaves usable weights. The shipped weights are the EMA of the default run.
 """
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..model.wan import ChunkAttention, TextContext
-from .model import (FPS, VAE_FACTOR, TinyModel, build_tiny_model, teacher_forcing_mask, tiny_sampler_config,
-                    tiny_stream_config, warp_timesteps)
-from .procedural import ProceduralVideos
+from .model import (FPS, VAE_FACTOR, TinyModel, build_tiny_model, load_tiny_model, teacher_forcing_mask,
+                    tiny_sampler_config, warp_timesteps)
+from .procedural import ProceduralVideos, contiguous_chunks
 from .text_encoder import save_tiny_text_encoder
 
-CLIP_CHUNKS = 5
+CLIP_CHUNKS = 4
 
 
 def sample_timesteps(batch: int, chunks: int, gen: torch.Generator, shift: float = 5.0,
-                     inference_prob: float = 0.5) -> torch.Tensor:
+                     inference_prob: float = 0.75) -> torch.Tensor:
     """[batch, chunks] training timesteps in (0, 1000]: the shifted schedule, biased to the inference steps."""
     sampler = tiny_sampler_config()
     warped = torch.tensor(warp_timesteps(sampler.denoising_steps, sampler.shift, sampler.num_train_timesteps))
@@ -53,31 +55,88 @@ def text_context(model: TinyModel, prompts: list[str]) -> TextContext:
 
 
 def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], times: torch.Tensor,
-                  gapped: torch.Tensor, gen: torch.Generator, mask: torch.Tensor,
-                  timesteps: torch.Tensor | None = None, context_noise: bool = True) -> torch.Tensor:
+                  gen: torch.Generator, mask: torch.Tensor,
+                  timesteps: torch.Tensor | None = None, context_noise: bool = True,
+                  fg_weight: float = 4.0, rollout: bool = False) -> torch.Tensor:
+    """Flow-matching loss of the noisy chunks given clean context (teacher forcing).
+
+    With ``rollout`` the noisy input is the one the few-step sampler really meets at a random inference
+    step: reached by the model's own earlier steps (no gradient), i.e. built from its own imperfect x0
+    estimates rather than the truth; the target still points at the true x0, flow = (x_t - x0) / sigma.
+    """
     cf = model.stream.chunk_frames
     x0 = model.vae.encode(frames)  # [B, C, F, h, w] in [-1, 1]
     b, _, num_frames = x0.shape[:3]
     chunks = num_frames // cf
-    if timesteps is None:
-        timesteps = sample_timesteps(b, chunks, gen)
-    t_frames = timesteps.repeat_interleave(cf, dim=1)  # [B, F]
-    s = (t_frames / 1000.0)[:, None, :, None, None]
-    noise = torch.randn(x0.shape, generator=gen)
-    x_t = (1 - s) * x0 + s * noise
     context = x0
     if context_noise:  # robustness to the imperfect context the model itself produces at inference
         level = torch.rand(b, 1, 1, 1, 1, generator=gen) * 0.1 * (torch.rand(b, 1, 1, 1, 1, generator=gen) < 0.5)
         context = x0 + level * torch.randn(x0.shape, generator=gen)
-    inputs = torch.cat([context, x_t], dim=2)
-    all_t = torch.cat([torch.zeros_like(t_frames), t_frames], dim=1)
-    positions = times.repeat(1, 2)
-    flow = model.dit(inputs, all_t, text_context(model, prompts),
-                     ChunkAttention.dense(b, inputs.device, mask, frame_positions=positions))[:, :, num_frames:]
-    err = (flow.float() - (noise - x0)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    weight = torch.ones_like(err)
-    weight[gapped, cf: 2 * cf] = 0.0  # the chunk right after a jump in time is context only
+    text = text_context(model, prompts)
+    attn = ChunkAttention.dense(b, x0.device, mask, frame_positions=times.repeat(1, 2))
+    zeros = torch.zeros(b, num_frames)
+
+    def flow_of(x_t, t_frames):
+        inputs = torch.cat([context, x_t], dim=2)
+        return model.dit(inputs, torch.cat([zeros, t_frames], dim=1), text, attn)[:, :, num_frames:].float()
+
+    if rollout:
+        steps = warp_timesteps(model.sampler.denoising_steps, model.sampler.shift)
+        k = int(torch.randint(1, len(steps), (), generator=gen))
+        x_t = torch.randn(x0.shape, generator=gen)
+        with torch.no_grad():
+            for i in range(k):
+                x0_est = x_t - steps[i] / 1000.0 * flow_of(x_t, torch.full((b, num_frames), steps[i]))
+                s_next = steps[i + 1] / 1000.0
+                x_t = (1 - s_next) * x0_est + s_next * torch.randn(x0.shape, generator=gen)
+        t_frames = torch.full((b, num_frames), steps[k])
+    else:
+        if timesteps is None:
+            timesteps = sample_timesteps(b, chunks, gen)
+        t_frames = timesteps.repeat_interleave(cf, dim=1)  # [B, F]
+        s = (t_frames / 1000.0)[:, None, :, None, None]
+        x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen)
+    s = (t_frames / 1000.0)[:, None, :, None, None]
+    err = (flow_of(x_t, t_frames) - (x_t - x0) / s).pow(2).mean(dim=1)  # [B, F, h, w]
+    err = (err * object_weight(frames, model.vae.spatial_factor, fg_weight)).mean(dim=(2, 3))
+    weight = contiguous_chunks(times, cf).float().repeat_interleave(cf, dim=1)  # after a jump: context only
     return (err * weight).sum() / weight.sum()
+
+
+def object_weight(frames: torch.Tensor, factor: int, fg_weight: float) -> torch.Tensor:
+    """[B, F, h, w] loss weight per latent pixel: 1 + fg_weight x (share of object pixels in its block).
+    Objects cover a tenth of a frame; without this the model first learns backgrounds only."""
+    background = frames.flatten(3).median(dim=3).values[..., None, None]
+    fg = ((frames - background).norm(dim=2) > 0.1).float()  # [B, F, H, W]
+    return 1 + fg_weight * F.avg_pool2d(fg, factor)
+
+
+@torch.no_grad()
+def pass_through_init(dit) -> None:
+    """Start from flow = x_t: an orthogonal patch embedding, the head its transpose, and every block,
+    the time embedding and the head modulation zeroed (the adaLN-Zero idea). The target
+    flow = (x_t - x0) / sigma is mostly x_t, and a tiny model whose width equals the patch size learns
+    the exact pass-through only slowly from a random start; leaked noise shows as blocky speckle."""
+    cfg = dit.config
+    ph, pw = cfg.patch_size[1:]
+    patch_dims = cfg.in_channels * ph * pw
+    if cfg.dim < patch_dims or cfg.out_channels != cfg.in_channels:
+        return
+    q, _ = torch.linalg.qr(torch.randn(cfg.dim, patch_dims))  # orthonormal columns [dim, patch_dims]
+    dit.patch_embedding.weight.copy_(q.view(cfg.dim, cfg.in_channels, 1, ph, pw))
+    dit.patch_embedding.bias.zero_()
+    # the head emits features in (ph, pw, channel) order, the patch embedding reads (channel, ph, pw)
+    head = q.view(cfg.dim, cfg.in_channels, ph, pw).permute(2, 3, 1, 0).reshape(patch_dims, cfg.dim)
+    dit.head.head.weight.copy_(head)
+    dit.head.head.bias.zero_()
+    dit.head.modulation.zero_()
+    for layer in (dit.time_embedding[2], dit.time_projection[1]):
+        layer.weight.zero_()
+        layer.bias.zero_()
+    for block in dit.blocks:
+        for layer in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 def engine_config(model: TinyModel, description: str, training: dict) -> dict:
@@ -94,6 +153,8 @@ def engine_config(model: TinyModel, description: str, training: dict) -> dict:
         "text_encoder": {"type": "tiny", "weights": "text_encoder.safetensors", **model.text_encoder.config()},
         "vae": {"type": "space_to_depth", "factor": VAE_FACTOR},
         "fps": FPS,
+        "name": "streamt1-tiny",
+        "rewards": {"short": "procedural_frame", "long": "procedural_video"},
         "description": description,
         "training": training,
     }
@@ -137,32 +198,40 @@ class EMA:
 
 def validation_loss(model: TinyModel, batch, mask) -> float:
     """Loss on a fixed batch at each of the inference timesteps (same noise every time)."""
-    frames, prompts, times, gapped = batch
+    frames, prompts, times = batch
     warped = warp_timesteps(model.sampler.denoising_steps, model.sampler.shift)
     losses = []
     with torch.no_grad():
         for t in warped:
             gen = torch.Generator().manual_seed(1234)
             steps = torch.full((frames.shape[0], frames.shape[1] // model.stream.chunk_frames), t)
-            losses.append(training_loss(model, frames, prompts, times, gapped, gen, mask, steps,
+            losses.append(training_loss(model, frames, prompts, times, gen, mask, steps,
                                         context_noise=False).item())
     return sum(losses) / len(losses)
 
 
-def train(out: Path, minutes: float = 25.0, steps: int = 2400, batch: int = 16, lr: float = 1e-3,
-          seed: int = 0, threads: int | None = None, save_minutes: float = 3.0, ema_decay: float = 0.998,
-          log_every: int = 25) -> dict:
+def train(out: Path, minutes: float = 30.0, steps: int = 2000, batch: int = 16, lr: float = 2e-3,
+          seed: int = 0, threads: int | None = None, save_minutes: float = 3.0, ema_decay: float = 0.995,
+          log_every: int = 25, val_size: int = 32, rollout_prob: float = 0.0, rollout_after: float = 0.5,
+          init: Path | None = None) -> dict:
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_tiny_model(seed=seed)
+    if init is not None:  # continue from an earlier model dir
+        start_model = load_tiny_model(init)
+        model.dit.load_state_dict(start_model.dit.state_dict())
+        model.text_encoder.load_state_dict(start_model.text_encoder.state_dict())
+    else:
+        pass_through_init(model.dit)
     for m in (model.dit, model.text_encoder):
         m.train()
     params = EMA.params(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = EMA(model, ema_decay)
     data = ProceduralVideos(seed=seed)
-    val_batch = ProceduralVideos(seed=seed + 10_000).streaming_batch(0, 32, CLIP_CHUNKS, model.stream.chunk_frames)
+    val_batch = ProceduralVideos(seed=seed + 10_000).streaming_batch(0, val_size, CLIP_CHUNKS,
+                                                                             model.stream.chunk_frames)
     mask = teacher_forcing_mask(CLIP_CHUNKS * model.stream.chunk_frames, model.stream.chunk_frames,
                                 model.frame_tokens)
     gen = torch.Generator().manual_seed(seed)
@@ -170,7 +239,7 @@ def train(out: Path, minutes: float = 25.0, steps: int = 2400, batch: int = 16, 
     print(f"tiny model: {n_params / 1e6:.2f} M parameters, batch {batch}, up to {steps} steps or {minutes} min, "
           f"{threads} threads", flush=True)
     start = last_save = time.time()
-    warmup = min(100, steps // 10)
+    warmup = max(1, min(100, steps // 10))
     step, running, final_loss, stopped_by = 0, [], float("nan"), "steps"
     training = {}
     while True:
@@ -182,9 +251,9 @@ def train(out: Path, minutes: float = 25.0, steps: int = 2400, batch: int = 16, 
         scale = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        frames, prompts, times, gapped = data.streaming_batch(step * batch, batch, CLIP_CHUNKS,
-                                                              model.stream.chunk_frames)
-        loss = training_loss(model, frames, prompts, times, gapped, gen, mask)
+        frames, prompts, times = data.streaming_batch(step * batch, batch, CLIP_CHUNKS, model.stream.chunk_frames)
+        rollout = progress >= rollout_after and bool(torch.rand((), generator=gen) < rollout_prob)
+        loss = training_loss(model, frames, prompts, times, gen, mask, rollout=rollout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,6 +275,7 @@ def train(out: Path, minutes: float = 25.0, steps: int = 2400, batch: int = 16, 
     val = validation_loss(ema.shadow, val_batch, mask)
     minutes_used = (time.time() - start) / 60
     training = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "ema_decay": ema_decay,
+                "rollout_prob": rollout_prob, "rollout_after": rollout_after,
                 "train_loss": round(final_loss, 5), "val_loss_at_inference_steps": round(val, 5),
                 "minutes": round(minutes_used, 1), "threads": threads, "stopped_by": stopped_by}
     save_model_dir(ema.shadow, out, training)
@@ -217,15 +287,20 @@ def train(out: Path, minutes: float = 25.0, steps: int = 2400, batch: int = 16, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the embedded tiny streaming video model on procedural videos.")
     parser.add_argument("--out", required=True, type=Path, help="model directory to write (engine format)")
-    parser.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget")
-    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps (the run stops at whichever comes first)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (stops at steps or minutes)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--save-minutes", type=float, default=3.0, help="rewrite the model dir this often")
+    parser.add_argument("--rollout-prob", type=float, default=0.0,
+                        help="share of steps trained on the sampler's own inputs (after --rollout-after)")
+    parser.add_argument("--rollout-after", type=float, default=0.5, help="progress (0-1) where rollouts start")
+    parser.add_argument("--init", type=Path, default=None, help="start from this model dir instead of scratch")
     args = parser.parse_args(argv)
-    train(args.out, args.minutes, args.steps, args.batch, args.lr, args.seed, args.threads, args.save_minutes)
+    train(args.out, args.minutes, args.steps, args.batch, args.lr, args.seed, args.threads, args.save_minutes,
+          rollout_prob=args.rollout_prob, rollout_after=args.rollout_after, init=args.init)
 
 
 if __name__ == "__main__":
