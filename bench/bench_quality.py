@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import math
 import platform
 import statistics
 import sys
@@ -35,12 +36,12 @@ PROMPTS = [
     "a purple square moving right on a green background",
     "a cyan triangle moving left and a red square moving up on a black background",
 ]
-SEEDS = [0, 1]
+SEEDS = [0, 1, 2, 3]
 BEAM, TOP_K = 2, 2
 
 
 def strategies(quick: bool) -> dict[str, SearchConfig]:
-    stream_t1 = dict(strategy="stream_t1", beam_size=BEAM, top_k=TOP_K)
+    stream_t1 = {"strategy": "stream_t1", "beam_size": BEAM, "top_k": TOP_K}
     configs = {
         "none": SearchConfig(strategy="none"),
         f"best_of_n (n={BEAM * TOP_K})": SearchConfig(strategy="best_of_n", num_candidates=BEAM * TOP_K),
@@ -55,6 +56,7 @@ def strategies(quick: bool) -> dict[str, SearchConfig]:
 
 
 def run(engine, configs: dict, prompts: list[str], seeds: list[int], num_chunks: int) -> dict:
+    """Mean metrics per strategy; ``reward_delta`` is the paired difference to the first strategy."""
     short, long = ProceduralFrameReward(), ProceduralVideoReward()
     engine.generate(prompts[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
     rows = {}
@@ -71,15 +73,17 @@ def run(engine, configs: dict, prompts: list[str], seeds: list[int], num_chunks:
                     values[metric].append(value.item())
                 values["reward"].append(long(frames, prompt).item())
         seconds = (time.perf_counter() - started) / (len(prompts) * len(seeds))
+        baseline = next(iter(rows.values()))["rewards"] if rows else values["reward"]
+        delta = [a - b for a, b in zip(values["reward"], baseline)]
         rows[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates,
-                      **{k: _mean(v) for k, v in values.items()},
-                      "reward_sem": _sem(values["reward"])}
+                      **{k: _mean(v) for k, v in values.items()}, "rewards": values["reward"],
+                      "reward_delta": _mean(delta), "reward_delta_sem": _sem(delta)}
         print(f"  {name}: reward {rows[name]['reward']:.3f}, {seconds:.2f} s/video", flush=True)
     return rows
 
 
 def _mean(values: list[float]) -> float:
-    values = [v for v in values if v == v]  # metrics a prompt does not define are NaN
+    values = [v for v in values if not math.isnan(v)]  # metrics a prompt does not define are NaN
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -90,11 +94,12 @@ def _sem(values: list[float]) -> float:
 def table(rows: dict) -> str:
     reward_terms = set(ProceduralVideoReward().terms)
     metric_cols = [m for m in METRIC_NAMES]
-    heads = ["strategy", "cand./chunk", "s/video", "reward*"] + [
+    heads = ["strategy", "cand./chunk", "s/video", "reward*", "Δ reward* vs none"] + [
         m + ("*" if m in reward_terms else "") + (" (lower=better)" if m == "flicker" else "") for m in metric_cols]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for name, r in rows.items():
-        cells = [name, str(r["candidates"]), f"{r['seconds']:.2f}", f"{r['reward']:.3f} ± {r['reward_sem']:.3f}"]
+        cells = [name, str(r["candidates"]), f"{r['seconds']:.2f}", f"{r['reward']:.3f}",
+                 f"{r['reward_delta']:+.3f} ± {r['reward_delta_sem']:.3f}"]
         cells += [f"{r[m]:.3f}" for m in metric_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -103,25 +108,19 @@ def table(rows: dict) -> str:
 def report(rows: dict, args, prompts, seeds, num_chunks: int) -> str:
     version = importlib.metadata.version("streamt1-engine")
     cpu = platform.processor() or platform.machine()
-    held_out = ", ".join(HELD_OUT_TERMS)
-    return "\n".join([
-        f"# Search quality on the embedded tiny model ({datetime.date.today().isoformat()})",
-        "",
-        f"Command: `python bench/bench_quality.py{' --quick' if args.quick else ''}`  ",
-        f"streamt1-engine {version}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"CPU ({cpu}, {torch.get_num_threads()} threads), float32.  ",
-        f"{len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks ({num_chunks * 3} frames, 32x32) per video; "
-        f"Stream-T1 with beam_size {BEAM}, top_k {TOP_K}, other knobs at the paper's defaults.",
-        "",
-        "Rewards given to the search: short-term `procedural_frame` (background, colour, shape, crispness per "
-        "frame), long-term and final pick `procedural_video` (those plus persistence and smoothness over the "
-        "window). Columns marked * are those reward terms (reward* is the `procedural_video` score of the "
-        f"output, mean ± standard error); held-out metrics, never seen by the search: {held_out}. "
-        "All metrics are in [0, 1], higher is better, except flicker.",
-        "",
-        table(rows),
-        "",
-    ])
+    setup = (f"streamt1-engine {version}, torch {torch.__version__}, Python {platform.python_version()}, "
+             f"CPU ({cpu}, {torch.get_num_threads()} threads), float32.  \n"
+             f"{len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks ({num_chunks * 3} frames, 32x32) "
+             f"per video; Stream-T1 with beam_size {BEAM}, top_k {TOP_K}, other knobs at the paper's defaults.")
+    rewards = ("Rewards given to the search: short-term `procedural_frame` (background, colour, shape, crispness "
+               "per frame), long-term and final pick `procedural_video` (those plus persistence and smoothness "
+               "over the window). Columns marked * are those reward terms (reward* is the `procedural_video` "
+               "score of the output; Δ is the paired difference to `none` over the same prompts and seeds, "
+               f"± standard error); held-out metrics, never seen by the search: {', '.join(HELD_OUT_TERMS)}. "
+               "All metrics are in [0, 1], higher is better, except flicker.")
+    command = f"python bench/bench_quality.py{' --quick' if args.quick else ''}"
+    return "\n".join([f"# Search quality on the embedded tiny model ({datetime.date.today().isoformat()})", "",
+                      f"Command: `{command}`  ", setup, "", rewards, "", table(rows), ""])
 
 
 def main(argv=None) -> dict:

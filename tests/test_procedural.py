@@ -6,8 +6,14 @@ import torch
 
 from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.tiny import metrics
-from streamt1_engine.tiny.procedural import (PALETTE, ProceduralVideos, contiguous_chunks, make_sample,
-                                             parse_prompt, streaming_times)
+from streamt1_engine.tiny.procedural import (
+    PALETTE,
+    ProceduralVideos,
+    contiguous_chunks,
+    make_sample,
+    parse_prompt,
+    streaming_times,
+)
 from streamt1_engine.tiny.rewards import ProceduralFrameReward, ProceduralPromptReward, ProceduralVideoReward
 
 

@@ -11,7 +11,8 @@ from streamt1_engine.tiny import ASSET_DIR, build_tiny_model, load_tiny_model, s
 from streamt1_engine.tiny.rewards import ProceduralVideoReward
 from streamt1_engine.tiny.text_encoder import TinyTextEncoder, load_tiny_text_encoder
 
-PROMPTS = ["a red circle moving left on a blue background", "a yellow square moving down on a black background"]
+PROMPTS = ["a red circle moving left on a blue background", "a yellow square moving down on a black background",
+           "a green triangle moving right on a white background", "a white circle moving up on a gray background"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,25 +37,35 @@ def test_shipped_files_are_small_and_in_engine_format():
 
 def test_trained_model_beats_random_weights(shipped):
     trained = sample_video(shipped, PROMPTS, num_chunks=2, seed=0)
-    assert trained.shape == (2, 6, 3, 32, 32)
+    assert trained.shape == (len(PROMPTS), 6, 3, 32, 32)
     random_model = build_tiny_model(shipped.dit.config, seed=0)
     random_model.dit.eval()
     untrained = sample_video(random_model, PROMPTS, num_chunks=2, seed=0)
     good, bad = _quality(trained, PROMPTS), _quality(untrained, PROMPTS)
-    assert (good > 0.6).all(), good
-    assert (bad < 0.4).all(), bad
-    background = video_metrics(trained, PROMPTS[0])["background"]
-    assert background.item() > 0.8
+    assert good.mean() > 0.5 and bad.mean() < 0.2, (good, bad)
+    assert (good > bad + 0.2).all(), (good, bad)
+    backgrounds = torch.stack([video_metrics(trained[i:i + 1], p)["background"][0] for i, p in enumerate(PROMPTS)])
+    assert (backgrounds > 0.8).all(), backgrounds
 
 
 def test_engine_generates_the_prompted_scene():
     engine_mod = pytest.importorskip("streamt1_engine.engine")
+    from streamt1_engine.model.wan import CausalWanDiT
+
     engine = engine_mod.StreamT1Engine.from_pretrained("tiny", device="cpu")
     assert engine.name == "tiny"
-    result = engine.generate(PROMPTS[0], num_chunks=2, seed=0)
-    assert result.frames.shape == (6, 32, 32, 3) and result.frames.dtype == torch.uint8
-    frames = result.frames.permute(0, 3, 1, 2).float()[None] / 255.0
-    assert _quality(frames, PROMPTS[:1]).item() > 0.6
+    torch.manual_seed(0)
+    random_engine = engine_mod.StreamT1Engine(CausalWanDiT(engine.config.model), engine.text_encoder, engine.vae,
+                                              engine.config, device="cpu")
+    scores = {}
+    for name, eng in (("trained", engine), ("random", random_engine)):
+        videos = []
+        for prompt in PROMPTS[:2]:
+            result = eng.generate(prompt, num_chunks=2, seed=0)
+            assert result.frames.shape == (6, 32, 32, 3) and result.frames.dtype == torch.uint8
+            videos.append(result.frames.permute(0, 3, 1, 2).float() / 255.0)
+        scores[name] = _quality(torch.stack(videos), PROMPTS[:2])
+    assert scores["trained"].mean() > 0.5 and scores["random"].mean() < 0.2, scores
 
 
 def test_text_encoder_pads_and_maps_unknown_words(shipped):

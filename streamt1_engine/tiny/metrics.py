@@ -27,7 +27,7 @@ PALETTE_NAMES = tuple(PALETTE)
 SHAPE_FEATURES = {"circle": (0.79, 0.0), "square": (1.0, 0.0), "triangle": (0.56, 0.15)}
 FOREGROUND_DISTANCE = 0.25  # RGB distance from the background colour that makes a pixel foreground
 MIN_OBJECT_PIXELS = 12  # fewer pixels of a colour than this do not count as an object
-DIRECTION_STEPS = 6  # trajectory steps checked against the named direction (before any bounce)
+DIRECTION_STEPS = 4  # trajectory steps checked against the named direction (before any bounce)
 
 
 def palette(device=None) -> torch.Tensor:
@@ -61,7 +61,7 @@ def nearest_palette(frames: torch.Tensor) -> torch.Tensor:
 
 def connected_components(mask: torch.Tensor, max_iters: int = 64) -> torch.Tensor:
     """long [M, H, W] labels (0 = off, else a component id) with 8-connectivity, batched over M masks."""
-    m, h, w = mask.shape
+    h, w = mask.shape[1:]
     ids = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, h, w)
     labels = torch.where(mask, ids, ids.new_zeros(()))
     maskf = mask.float()
@@ -160,7 +160,7 @@ def colour_fidelity(frames: torch.Tensor, spec: PromptSpec, tracks: dict | None 
     return (present * purity).mean(dim=1)
 
 
-def shape_scores(tracks: "ObjectTracks", shape: str, soft: bool = True) -> torch.Tensor:
+def shape_scores(tracks: ObjectTracks, shape: str, soft: bool = True) -> torch.Tensor:
     """[N, T] probability-like score (soft) or 0/1 correctness that the object's blob has ``shape``."""
     feats = torch.stack([tracks.fill, tracks.offset * 2], -1)  # offset weighted up: it separates triangles
     targets = torch.tensor([(f, o * 2) for f, o in SHAPE_FEATURES.values()], device=feats.device)

@@ -16,6 +16,7 @@ import torch
 from ..config import SamplerConfig, StreamConfig, WanConfig
 from ..errors import require
 from ..model.wan import CausalWanDiT, ChunkAttention
+from ..sampler import make_schedule
 from .text_encoder import TinyTextEncoder, load_tiny_text_encoder
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -25,7 +26,7 @@ FPS = 8
 
 
 def tiny_wan_config() -> WanConfig:
-    return WanConfig(dim=192, ffn_dim=384, num_heads=4, num_layers=4, in_channels=48, out_channels=48,
+    return WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=3, in_channels=48, out_channels=48,
                      text_dim=64, text_len=16, freq_dim=64)
 
 
@@ -39,13 +40,9 @@ def tiny_sampler_config() -> SamplerConfig:
     return SamplerConfig(denoising_steps=(1000.0, 750.0, 500.0, 250.0), shift=5.0)
 
 
-def warp_timesteps(steps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
-    """Self-Forcing's warp of the nominal denoising steps through the shifted sigma schedule."""
-    out = []
-    for t in steps:
-        sigma = t / num_train_timesteps
-        out.append(num_train_timesteps * shift * sigma / (1 + (shift - 1) * sigma))
-    return out
+def inference_timesteps(sampler: SamplerConfig) -> list[float]:
+    """The model timesteps the engine's few-step sampler uses (e.g. 1000, 937.5, 833.3, 625)."""
+    return list(make_schedule(sampler).timesteps)
 
 
 def space_to_depth_vae(factor: int = VAE_FACTOR, device="cpu"):
@@ -135,9 +132,7 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
     b, c = len(prompts), dit.config.in_channels
     cf, h, w = stream.chunk_frames, stream.latent_height, stream.latent_width
     if steps is None:
-        sc = model.sampler
-        steps = warp_timesteps(sc.denoising_steps, sc.shift, sc.num_train_timesteps) if sc.warp_denoising_steps \
-            else list(sc.denoising_steps)
+        steps = inference_timesteps(model.sampler)
     text = dit.encode_text(model.text_encoder.encode(prompts).to(device, dtype))
     gen = torch.Generator().manual_seed(seed)
     window_chunks = stream.window_frames // cf - 1

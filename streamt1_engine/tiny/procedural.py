@@ -113,34 +113,33 @@ def shape_mask(shape: str, centres: torch.Tensor, size: float, height: int, widt
 
 
 def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_object_prob: float = 0.3,
-                 speed_change_prob: float = 0.1) -> SceneSpec:
-    """A scene with 1-2 objects. Each starts by the edge opposite its direction, in the middle lane (a
-    second object moving along the same axis takes a side lane, one on the other axis crosses the first:
-    occlusion), with a little jitter. Start positions are nearly fixed by the prompt because a few-step
-    sampler can only produce sharp objects where the prompt leaves little doubt about where they are;
-    sizes, speeds and speed changes vary."""
+                 speed_change_prob: float = 0.1, room_steps: int = 4) -> SceneSpec:
+    """A scene with 1-2 objects placed anywhere that leaves ``room_steps`` frames of motion before the
+    first bounce (so they visibly move as named); overlapping objects occlude each other.
+
+    Placement is (nearly) translation invariant on purpose: a RoPE-only DiT has no absolute position
+    signal when it starts from pure noise, so "starts at the left edge" is a prior it cannot learn,
+    while "somewhere" it can."""
     background = rng.choice(BACKGROUND_COLOURS)
     count = 2 if rng.random() < two_object_prob else 1
     objects: list[ObjectSpec] = []
-    for i in range(count):
+    for _ in range(count):
         taken = {background} | {o.colour for o in objects}
         colour = rng.choice([c for c in OBJECT_COLOURS if c not in taken])
         shape = rng.choice(SHAPES)
         direction = rng.choice(tuple(DIRECTIONS))
         size = rng.uniform(4.75, 5.75)
+        speed = rng.uniform(1.25, 1.75)
         dx, dy = DIRECTIONS[direction]
         along_extent, across_extent = (width, height) if dx else (height, width)
-        along = size + rng.uniform(0.0, 1.5)
-        if dx < 0 or dy < 0:
-            along = along_extent - along
-        lane = across_extent / 2
-        if i == 1 and (DIRECTIONS[objects[0].direction][0] != 0) == (dx != 0):
-            lane += 9  # same axis as the first object: a side lane
-        across = min(max(lane + rng.uniform(-1.5, 1.5), size), across_extent - size)
+        room = room_steps * speed
+        low, high = size, along_extent - size
+        low, high = (low + room, high) if (dx < 0 or dy < 0) else (low, high - room)
+        along = rng.uniform(low, high)
+        across = rng.uniform(size, across_extent - size)
         start = (along, across) if dx else (across, along)
         change = rng.randrange(3, 12) if rng.random() < speed_change_prob else 10 ** 6
-        objects.append(ObjectSpec(colour, shape, direction, size, start, rng.uniform(1.25, 1.75), change,
-                                  rng.choice((0.5, 1.5))))
+        objects.append(ObjectSpec(colour, shape, direction, size, start, speed, change, rng.choice((0.5, 1.5))))
     return SceneSpec(background, objects)
 
 

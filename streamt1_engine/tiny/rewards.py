@@ -8,7 +8,6 @@ are skipped; crispness needs no prompt, so every prompt gets a score.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import StreamT1Error
@@ -104,16 +103,11 @@ class ProceduralVideoReward(ProceduralPromptReward):
 def _register() -> None:
     """Let reward specs name these ("procedural_frame", "procedural_video"), e.g. in the model's config."""
     try:
-        from ..rewards import registry
+        from ..rewards import register_reward
     except ImportError:
         return
-    entries = {"procedural_frame": ProceduralFrameReward, "procedural_video": ProceduralVideoReward}
-    register = getattr(registry, "register_reward", None)
-    for name, factory in entries.items():
-        if register is not None:
-            register(name, factory)
-        elif hasattr(registry, "BUILDERS"):
-            registry.BUILDERS.setdefault(name, (lambda f=factory: f, False))
+    register_reward("procedural_frame", ProceduralFrameReward)
+    register_reward("procedural_video", ProceduralVideoReward)
 
 
 _register()

@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..errors import StreamT1Error, require
 from .procedural import VOCABULARY, tokenize

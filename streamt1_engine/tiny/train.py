@@ -1,6 +1,6 @@
 """Train the embedded tiny streaming video model on procedural videos (CPU, minutes).
 
-    python -m streamt1_engine.tiny.train --out DIR [--steps 2000 --minutes 30 --seed 0]
+    python -m streamt1_engine.tiny.train --out DIR [--steps 1800 --minutes 30 --seed 0]
 
 A causal Wan DiT and the tiny text encoder learn jointly by flow matching with teacher forcing: each
 sample is [clean frames at timestep 0 | noisy frames], every noisy chunk of 3 frames has its own
@@ -26,8 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from ..model.wan import ChunkAttention, TextContext
-from .model import (FPS, VAE_FACTOR, TinyModel, build_tiny_model, load_tiny_model, teacher_forcing_mask,
-                    tiny_sampler_config, warp_timesteps)
+from .model import (
+    FPS,
+    VAE_FACTOR,
+    TinyModel,
+    build_tiny_model,
+    inference_timesteps,
+    load_tiny_model,
+    teacher_forcing_mask,
+    tiny_sampler_config,
+)
 from .procedural import ProceduralVideos, contiguous_chunks
 from .text_encoder import save_tiny_text_encoder
 
@@ -38,7 +46,7 @@ def sample_timesteps(batch: int, chunks: int, gen: torch.Generator, shift: float
                      inference_prob: float = 0.75) -> torch.Tensor:
     """[batch, chunks] training timesteps in (0, 1000]: the shifted schedule, biased to the inference steps."""
     sampler = tiny_sampler_config()
-    warped = torch.tensor(warp_timesteps(sampler.denoising_steps, sampler.shift, sampler.num_train_timesteps))
+    warped = torch.tensor(inference_timesteps(sampler))
     u = torch.rand(batch, chunks, generator=gen).clamp_min(1e-3)
     shifted = 1000.0 * shift * u / (1 + (shift - 1) * u)
     pick = warped[torch.randint(len(warped), (batch, chunks), generator=gen)]
@@ -57,12 +65,13 @@ def text_context(model: TinyModel, prompts: list[str]) -> TextContext:
 def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], times: torch.Tensor,
                   gen: torch.Generator, mask: torch.Tensor,
                   timesteps: torch.Tensor | None = None, context_noise: bool = True,
-                  fg_weight: float = 4.0, rollout: bool = False) -> torch.Tensor:
+                  fg_weight: float = 4.0, first_chunk_weight: float = 2.0, rollout: bool = False) -> torch.Tensor:
     """Flow-matching loss of the noisy chunks given clean context (teacher forcing).
 
     With ``rollout`` the noisy input is the one the few-step sampler really meets at a random inference
     step: reached by the model's own earlier steps (no gradient), i.e. built from its own imperfect x0
     estimates rather than the truth; the target still points at the true x0, flow = (x_t - x0) / sigma.
+    The first chunk, generated from the prompt alone, is the hardest and counts ``first_chunk_weight`` times.
     """
     cf = model.stream.chunk_frames
     x0 = model.vae.encode(frames)  # [B, C, F, h, w] in [-1, 1]
@@ -81,7 +90,7 @@ def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], ti
         return model.dit(inputs, torch.cat([zeros, t_frames], dim=1), text, attn)[:, :, num_frames:].float()
 
     if rollout:
-        steps = warp_timesteps(model.sampler.denoising_steps, model.sampler.shift)
+        steps = inference_timesteps(model.sampler)
         k = int(torch.randint(1, len(steps), (), generator=gen))
         x_t = torch.randn(x0.shape, generator=gen)
         with torch.no_grad():
@@ -99,7 +108,9 @@ def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], ti
     s = (t_frames / 1000.0)[:, None, :, None, None]
     err = (flow_of(x_t, t_frames) - (x_t - x0) / s).pow(2).mean(dim=1)  # [B, F, h, w]
     err = (err * object_weight(frames, model.vae.spatial_factor, fg_weight)).mean(dim=(2, 3))
-    weight = contiguous_chunks(times, cf).float().repeat_interleave(cf, dim=1)  # after a jump: context only
+    weight = contiguous_chunks(times, cf).float()  # after a jump: context only
+    weight[:, 0] *= first_chunk_weight
+    weight = weight.repeat_interleave(cf, dim=1)
     return (err * weight).sum() / weight.sum()
 
 
@@ -167,7 +178,8 @@ def save_model_dir(model: TinyModel, out: Path, training: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     description = ("Tiny causal Wan DiT trained on procedural videos of coloured shapes (32x32, 8 fps); "
                    "prompts like 'a red circle moving left on a blue background'.")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.dit.state_dict().items()}
+    # float16 halves the shipped size; the loaders cast back to the run dtype
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.dit.state_dict().items()}
     save_file(state, str(out / "dit.safetensors.tmp"))
     os.replace(out / "dit.safetensors.tmp", out / "dit.safetensors")
     save_tiny_text_encoder(model.text_encoder, out / "text_encoder.safetensors.tmp")
@@ -199,7 +211,7 @@ class EMA:
 def validation_loss(model: TinyModel, batch, mask) -> float:
     """Loss on a fixed batch at each of the inference timesteps (same noise every time)."""
     frames, prompts, times = batch
-    warped = warp_timesteps(model.sampler.denoising_steps, model.sampler.shift)
+    warped = inference_timesteps(model.sampler)
     losses = []
     with torch.no_grad():
         for t in warped:
@@ -210,7 +222,7 @@ def validation_loss(model: TinyModel, batch, mask) -> float:
     return sum(losses) / len(losses)
 
 
-def train(out: Path, minutes: float = 30.0, steps: int = 2000, batch: int = 16, lr: float = 2e-3,
+def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, threads: int | None = None, save_minutes: float = 3.0, ema_decay: float = 0.995,
           log_every: int = 25, val_size: int = 32, rollout_prob: float = 0.0, rollout_after: float = 0.5,
           init: Path | None = None) -> dict:
@@ -288,15 +300,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the embedded tiny streaming video model on procedural videos.")
     parser.add_argument("--out", required=True, type=Path, help="model directory to write (engine format)")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (stops at steps or minutes)")
+    parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (stops at steps or minutes)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--save-minutes", type=float, default=3.0, help="rewrite the model dir this often")
     parser.add_argument("--rollout-prob", type=float, default=0.0,
-                        help="share of steps trained on the sampler's own inputs (after --rollout-after)")
-    parser.add_argument("--rollout-after", type=float, default=0.5, help="progress (0-1) where rollouts start")
+                        help="share of steps trained on the sampler's own inputs (experimental, off by default)")
+    parser.add_argument("--rollout-after", type=float, default=0.5, help="progress (0-1) where rollouts may start")
     parser.add_argument("--init", type=Path, default=None, help="start from this model dir instead of scratch")
     args = parser.parse_args(argv)
     train(args.out, args.minutes, args.steps, args.batch, args.lr, args.seed, args.threads, args.save_minutes,
