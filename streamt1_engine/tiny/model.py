@@ -16,7 +16,7 @@ import torch
 from ..config import SamplerConfig, StreamConfig, WanConfig
 from ..errors import require
 from ..model.wan import CausalWanDiT, ChunkAttention
-from ..sampler import make_schedule
+from ..sampler import ChunkNoise, Schedule, denoise_chunk, make_schedule
 from .text_encoder import TinyTextEncoder, load_tiny_text_encoder
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -133,6 +133,7 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
     cf, h, w = stream.chunk_frames, stream.latent_height, stream.latent_width
     if steps is None:
         steps = inference_timesteps(model.sampler)
+    schedule = Schedule(tuple(steps), tuple(t / 1000.0 for t in steps))
     text = dit.encode_text(model.text_encoder.encode(prompts).to(device, dtype))
     gen = torch.Generator().manual_seed(seed)
     window_chunks = stream.window_frames // cf - 1
@@ -141,14 +142,13 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
         context_ids = sorted(set(range(max(0, k - window_chunks), k)) | ({0} if k > 0 else set()))
         context = [chunks[i] for i in context_ids]
         positions = [i * cf + j for i in context_ids for j in range(cf)] + [k * cf + j for j in range(cf)]
-        x = torch.randn(b, c, cf, h, w, generator=gen).to(device, dtype)
-        for i, t in enumerate(steps):
-            flow = _chunk_flow(dit, context, x, t, text, positions, model.frame_tokens)
-            x0 = x - (t / 1000.0) * flow
-            if i + 1 < len(steps):
-                s_next = steps[i + 1] / 1000.0
-                x = (1 - s_next) * x0 + s_next * torch.randn(x.shape, generator=gen).to(device, dtype)
-        chunks.append(x0)
+        draws = [torch.randn(b, c, cf, h, w, generator=gen) for _ in steps]  # initial, then one per re-noise
+        noise = ChunkNoise(draws[0].to(device, dtype), torch.stack(draws[1:]).to(device, dtype))
+
+        def dense_flow(x, t, text_ctx, attn, context=context, positions=positions):
+            return _chunk_flow(dit, context, x, float(t[0]), text_ctx, positions, model.frame_tokens)
+
+        chunks.append(denoise_chunk(dense_flow, schedule, noise, text, None).to(dtype))
     latents = torch.cat(chunks, dim=2)
     return latents if return_latents else decode_latents(model.vae, latents.float())
 
