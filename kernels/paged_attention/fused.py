@@ -17,23 +17,26 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# H100 at D=128. 128-row query tiles amortise the per-key rotation over many queries. Every config compiles
+# for sm_90 on triton 3.6 and 3.9 without register spills and within 227 KB of shared memory
+# (bench/kernel_resources.py checks this ahead of time, without a GPU); 4-warp 128-row and 64x128 tiles spill.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+
 if _INTERPRET:
     # The interpreter runs every program in Python: one small config keeps tests fast and exercises tails.
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+elif os.environ.get("STREAMT1_TRITON_AUTOTUNE", "1") == "0":
+    # Skip tuning (e.g. many small shapes in a test run): the first config is the H100 default.
+    _CONFIGS = AUTOTUNE_CONFIGS[:1]
 else:
-    # For H100 at D=128: 128-row query tiles amortise the per-key rotation over many queries; the rope
-    # tables make each key tile several times larger than K alone, so shallow pipelines are included.
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-    ]
-    if os.environ.get("STREAMT1_TRITON_AUTOTUNE", "1") == "0":
-        # Skip tuning (e.g. many small shapes in a test run): the first config is the H100 default.
-        _CONFIGS = _CONFIGS[:1]
+    _CONFIGS = AUTOTUNE_CONFIGS
 
 
 @triton.jit
@@ -86,26 +89,28 @@ def _paged_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
-    # 1. Pages of the shared pool: pre-RoPE keys, rotated at the page's frame positions. One flat loop,
-    #    key tile outer and page inner: every page starts at spatial index 0, so consecutive iterations
-    #    reuse the same spatial-table rows from L1 instead of streaming the whole table once per page.
+    # 1. Pages of the shared pool: pre-RoPE keys, rotated at the page's frame positions. Key tiles never
+    #    straddle a frame, so the frame rotation is one table row per tile (the spatial part is the only
+    #    per-key table load). One flat loop, key tile outer and page inner: every page starts at spatial
+    #    index 0, so consecutive iterations reuse the same spatial-table rows from L1.
     npg = tl.minimum(tl.load(NP + n).to(tl.int32), max_pages)
-    n_tiles = (T + BLOCK_N - 1) // BLOCK_N
-    for j in range(0, npg * n_tiles):
+    frames_per_page = (T + frame_tokens - 1) // frame_tokens
+    tiles_per_frame = (frame_tokens + BLOCK_N - 1) // BLOCK_N
+    for j in range(0, npg * frames_per_page * tiles_per_frame):
         tile = j // npg
         slot = j - tile * npg
+        frame_in_page = tile // tiles_per_frame
+        sp = (tile - frame_in_page * tiles_per_frame) * BLOCK_N + offs_n
+        t = frame_in_page * frame_tokens + sp
+        t_ok = (sp < frame_tokens) & (t < T)
         page = tl.load(PT + n64 * s_ptn + slot * s_ptm).to(tl.int64)
-        fpos = tl.load(PFP + page).to(tl.int32)
-        t = tile * BLOCK_N + offs_n
-        t_ok = t < T
+        frame = tl.minimum(tl.maximum(tl.load(PFP + page).to(tl.int32) + frame_in_page, 0), F_max - 1)
         kmask = t_ok[:, None] & col_ok[None, :]
         k_ptr = KP + page * s_kpp + h * s_kph + t[:, None] * s_kpt + offs_h[None, :] * s_kpd
         k_lo = tl.load(k_ptr, mask=kmask, other=0.0).to(tl.float32)
         k_hi = tl.load(k_ptr + HALF * s_kpd, mask=kmask, other=0.0).to(tl.float32)
-        frame = tl.minimum(tl.maximum(fpos + t // frame_tokens, 0), F_max - 1)
-        sp = t % frame_tokens
-        fc = tl.load(FC + frame[:, None] * s_fcr + offs_h[None, :] * s_fcd, mask=kmask, other=1.0).to(tl.float32)
-        fs = tl.load(FS + frame[:, None] * s_fsr + offs_h[None, :] * s_fsd, mask=kmask, other=0.0).to(tl.float32)
+        fc = tl.load(FC + frame * s_fcr + offs_h * s_fcd, mask=col_ok, other=1.0).to(tl.float32)[None, :]
+        fs = tl.load(FS + frame * s_fsr + offs_h * s_fsd, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         sc = tl.load(SC + sp[:, None] * s_scr + offs_h[None, :] * s_scd, mask=kmask, other=1.0).to(tl.float32)
         ss = tl.load(SS + sp[:, None] * s_ssr + offs_h[None, :] * s_ssd, mask=kmask, other=0.0).to(tl.float32)
         cos = fc * sc - fs * ss
@@ -208,4 +213,4 @@ def attention_flops(n: int, lq: int, kv_len: int, h: int, d: int) -> float:
     return 4.0 * n * lq * kv_len * h * d
 
 
-__all__ = ["paged_attention_triton", "attention_flops"]
+__all__ = ["paged_attention_triton", "attention_flops", "AUTOTUNE_CONFIGS"]
