@@ -88,6 +88,23 @@ def test_triton_grid(scenario, n, lq, d, dtype):
     assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
 
 
+@pytest.mark.parametrize("frame_tokens,chunk_frames,page_frame_tokens", [
+    (21, 2, 21),   # frames wider than a key tile: a full tile, then a 5-key tail, per frame
+    (32, 1, 32),   # frame = exactly two tiles
+    (6, 2, 5),     # 12-token pages read as frames of 5: the last frame of each page is a 2-token stub
+])
+def test_triton_key_tiles_split_at_frame_boundaries(frame_tokens, chunk_frames, page_frame_tokens):
+    """Key tiles never straddle a frame (the frame rotation is one table row per tile)."""
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    dtype = torch.float32
+    args = list(make_case(3, 19, 16, dtype, [[6, 7, 0], [7, 1, GARBAGE], [5]], [3, 2, 1],
+                          frame_tokens=frame_tokens, chunk_frames=chunk_frames, seed=frame_tokens))
+    args[-1] = page_frame_tokens
+    out = torch.full_like(args[0], float("nan"))
+    assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
+
+
 def test_triton_d64_chunk_length_differs_and_scale():
     from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
 
