@@ -1,54 +1,50 @@
 #!/usr/bin/env python
-"""Time the fused paged-attention kernel against gather + stock attention kernels.
+"""Time the fused paged-attention kernel against gather + stock attention kernels, in one run.
 
 Default shapes are Wan2.1-1.3B's self-attention during streaming generation: a 3-frame chunk of
 30x52 latent tokens per frame (Lq = 4680), 12 heads of 128, and a KV cache of a 15-frame sink plus a
 9-frame window (8 pages of one chunk each) plus the chunk's own keys. Candidates share the sink pages and
-own their window pages, as beams do. FLOPs count both matmuls: 4 * N * Lq * S_kv * H * D.
+own their window pages, as beams do. FLOPs count both matmuls: 4 * N * Lq * S_kv * H * D. Every backend's
+output is compared with the gathered-SDPA output (relative error, ||out - ref|| / ||ref||).
 
-``--tiny`` shrinks everything so that the script runs on a CPU in seconds (Triton in interpreter mode);
-its timings only show that the script works.
+``--tiny`` (automatic without CUDA) shrinks everything so that the script runs on a CPU in seconds (Triton in
+interpreter mode); its timings only show that the script works.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import os
 import sys
-import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+KERNELS = ("triton", "sdpa", "sdpa_attn_only", "flash_attn", "xformers")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8], help="candidates per batch")
-    p.add_argument("--tiny", action="store_true", help="small shapes for a quick CPU smoke run")
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=None, help="candidates per batch (default: 1 2 4 8)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--grid", type=int, nargs=2, default=[30, 52], metavar=("H", "W"), help="latent tokens per frame")
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--sink-frames", type=int, default=15)
     p.add_argument("--window-frames", type=int, default=9)
-    p.add_argument("--backends", nargs="+", default=["triton", "sdpa", "sdpa_attn_only", "flash_attn", "xformers"],
-                   help="flash_attn/xformers are skipped when not installed")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", default=None, help="write results to this .json or .csv path")
+    p.add_argument("--backends", nargs="+", choices=KERNELS, default=list(KERNELS),
+                   help="what to time (sdpa_attn_only: SDPA on keys already gathered and rotated, i.e. the "
+                        "gather left out); flash_attn/xformers are skipped when not installed")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.backend = "auto"  # the model's attention backend does not apply: --backends says what is timed
+    args = common.finish_args(args, warmup=5, repeat=20)
     if args.tiny:
         args.heads, args.head_dim, args.grid = 2, 32, [2, 3]
         args.chunk_frames, args.sink_frames, args.window_frames = 2, 4, 2
-        args.warmup, args.iters = 1, 2
-        if args.n == [1, 2, 4, 8]:
-            args.n = [1, 2]
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.n is None:
+        args.n = [1, 2] if args.tiny else [1, 2, 4, 8]
     for name, frames in (("sink", args.sink_frames), ("window", args.window_frames)):
         if frames % args.chunk_frames:
             p.error(f"--{name}-frames must be a multiple of --chunk-frames (pages hold one chunk)")
@@ -90,30 +86,6 @@ def build_inputs(args, n, device, dtype):
     return inputs, lq, kv_len
 
 
-def timer(device):
-    if device.startswith("cuda"):
-        def run(fn, warmup, iters):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters
-    else:
-        def run(fn, warmup, iters):
-            for _ in range(warmup):
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            return (time.perf_counter() - t0) * 1e3 / iters
-    return run
-
-
 def make_backends(args, inputs):
     from streamt1_engine.kernels.paged_attention import gathered
     from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
@@ -144,63 +116,47 @@ def make_backends(args, inputs):
                 print("xformers not installed: skipped", file=sys.stderr)
                 continue
             fns[name] = lambda: gathered.paged_attention_xformers(*inputs)
-        else:
-            raise SystemExit(f"unknown backend {name!r}")
     return fns
+
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.device.startswith("cuda"):
+    if args.device.type != "cuda":
         # Triton reads this when kernels are defined, i.e. before the fused module is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    dtype = DTYPES[args.dtype]
-    run = timer(args.device)
     from streamt1_engine.kernels.paged_attention.fused import attention_flops
 
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    device, dtype = str(args.device), args.torch_dtype
     rows = []
-    print(f"device={device_name} dtype={args.dtype} H={args.heads} D={args.head_dim} "
-          f"tokens/frame={args.grid[0] * args.grid[1]}")
-    print(f"{'N':>3} {'backend':>15} {'Lq':>6} {'S_kv':>7} {'ms':>9} {'TFLOP/s':>8} {'x_vs_sdpa':>9} {'max_err':>8}")
     for n in args.n:
-        inputs, lq, kv_len = build_inputs(args, n, args.device, dtype)
+        inputs, lq, kv_len = build_inputs(args, n, device, dtype)
         fns = make_backends(args, inputs)
-        reference = fns["sdpa"]().float() if "sdpa" in fns else None
-        timings = {name: run(fn, args.warmup, args.iters) for name, fn in fns.items()}
+        reference = fns["sdpa"]() if "sdpa" in fns else None
         flops = attention_flops(n, lq, kv_len, args.heads, args.head_dim)
+        timings = {name: common.stats(common.time_ms(fn, args.device, args.warmup, args.repeat))["median"]
+                   for name, fn in fns.items()}
         for name, ms in timings.items():
-            err = None
-            if reference is not None:
-                err = float((fns[name]().float() - reference).abs().max())
-            ratio = timings["sdpa"] / ms if "sdpa" in timings else None
-            row = dict(n=n, backend=name, lq=lq, kv_len=kv_len, heads=args.heads, head_dim=args.head_dim,
-                       dtype=args.dtype, ms=ms, tflops=flops / ms / 1e9, speedup_vs_sdpa=ratio, max_abs_err=err,
-                       device=device_name, torch=torch.__version__, triton=triton_version, tiny=args.tiny)
-            rows.append(row)
-            ratio_s = f"{ratio:9.2f}" if ratio is not None else f"{'-':>9}"
-            err_s = f"{err:8.1e}" if err is not None else f"{'-':>8}"
-            print(f"{n:>3} {name:>15} {lq:>6} {kv_len:>7} {ms:9.3f} {row['tflops']:8.2f} {ratio_s} {err_s}")
+            rows.append({
+                "n": n, "backend": name, "lq": lq, "kv_len": kv_len, "ms": ms, "tflops": flops / ms / 1e9,
+                "x_vs_sdpa": timings["sdpa"] / ms if "sdpa" in timings else None,
+                "rel_err_vs_sdpa": relative_error(fns[name](), reference) if reference is not None else None,
+            })
         del inputs, fns, reference
-        if args.device.startswith("cuda"):
+        if args.device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        if args.out.endswith(".csv"):
-            with open(args.out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        else:
-            with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "results": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+    env = common.environment(args, __file__)
+    env["attention_backend"] = " / ".join(args.backends)
+    notes = [f"H={args.heads}, D={args.head_dim}, {args.grid[0]}x{args.grid[1]} tokens per frame, "
+             f"{args.chunk_frames}-frame pages, {args.sink_frames}-frame sink + {args.window_frames}-frame window; "
+             f"median of {args.repeat} after {args.warmup} warm-up calls",
+             "x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel replaces)"]
+    common.Report("bench_attention", "Paged attention kernel", env, rows, notes=notes).emit(args.out)
     return rows
 
 

@@ -133,7 +133,11 @@ def build_vae(kind: str, cfg: WanConfig, device, seed: int = 0):
     if kind == "light":
         return TiledSpaceToDepthVAE(cfg.in_channels, 8, device)
     if kind == "wan-random":
-        from diffusers import AutoencoderKLWan
+        try:
+            from diffusers import AutoencoderKLWan
+        except ImportError as exc:
+            raise SystemExit(f"--vae wan-random needs diffusers ({exc}); install it, or use --vae light "
+                             "(leaves the VAE out of the numbers)") from exc
 
         from streamt1_engine.vae import WanVAE
 

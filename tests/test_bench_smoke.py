@@ -102,3 +102,30 @@ def test_reference_attention_equals_ours():
 @pytest.mark.parametrize("seconds,chunks", [(5, 7), (30, 40)])
 def test_video_length_to_chunks(seconds, chunks):
     assert load("common").chunks_for_seconds(seconds) == chunks
+
+
+
+def _suite(out: Path, *stages: str, python: str = sys.executable):
+    import os
+    import subprocess
+
+    return subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out), *stages], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": python})
+
+
+def test_gpu_suite_rejects_unknown_stage(tmp_path):
+    res = _suite(tmp_path / "run", "bogus")
+    assert res.returncode == 2 and "unknown stage: bogus" in res.stderr
+
+
+def test_gpu_suite_logs_a_failing_stage_and_goes_on(tmp_path):
+    """A failing stage is logged with its exit status, later stages still run, and the suite exits 1."""
+    import tarfile
+
+    out = tmp_path / "run"
+    res = _suite(out, "attention", "pack", python="false")  # every python command fails at once
+    assert res.returncode == 1, res.stdout + res.stderr
+    log = (out / "attention.log").read_text()
+    assert "bench/bench_attention.py --out" in log and "== attention: exit 1" in log
+    with tarfile.open(str(out) + ".tar.gz") as tar:
+        assert "run/attention.log" in tar.getnames()
