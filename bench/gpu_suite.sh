@@ -37,8 +37,8 @@ run() {  # run NAME CMD...: tee the output into OUT_DIR/NAME.log, remember a fai
     [ "$rc" -eq 0 ] || status=1
 }
 
-vae_args() {
-    if "$py" -c "import diffusers" 2>/dev/null; then echo "--vae wan-random"; else echo "--vae light"; fi
+vae_args() {  # the scripts' own default (the Wan VAE architecture on a GPU) needs diffusers
+    "$py" -c "import diffusers" 2>/dev/null || echo "--vae light"
 }
 
 for stage in $stages; do
