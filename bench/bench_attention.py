@@ -120,16 +120,9 @@ def make_backends(args, inputs):
 
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def main(argv=None):
     args = parse_args(argv)
-    if args.device.type != "cuda":
-        # Triton reads this when kernels are defined, i.e. before the fused module is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    common.interpret_triton_on_cpu(args)
     from streamt1_engine.kernels.paged_attention.fused import attention_flops
 
     device, dtype = str(args.device), args.torch_dtype
@@ -139,13 +132,12 @@ def main(argv=None):
         fns = make_backends(args, inputs)
         reference = fns["sdpa"]() if "sdpa" in fns else None
         flops = attention_flops(n, lq, kv_len, args.heads, args.head_dim)
-        timings = {name: common.stats(common.time_ms(fn, args.device, args.warmup, args.repeat))["median"]
-                   for name, fn in fns.items()}
+        timings = common.median_ms(fns, args)
         for name, ms in timings.items():
             rows.append({
                 "n": n, "backend": name, "lq": lq, "kv_len": kv_len, "ms": ms, "tflops": flops / ms / 1e9,
                 "x_vs_sdpa": timings["sdpa"] / ms if "sdpa" in timings else None,
-                "rel_err_vs_sdpa": relative_error(fns[name](), reference) if reference is not None else None,
+                "rel_err_vs_sdpa": common.relative_error(fns[name](), reference) if reference is not None else None,
             })
         del inputs, fns, reference
         if args.device.type == "cuda":

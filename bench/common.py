@@ -239,6 +239,23 @@ def wall_seconds(fn: Callable[[], Any], device: torch.device) -> tuple[float, An
     return time.perf_counter() - t0, result
 
 
+def median_ms(fns: dict[str, Callable[[], Any]], args) -> dict[str, float]:
+    """Median milliseconds of each callable, timed one after the other in this run."""
+    return {name: median(time_ms(fn, args.device, args.warmup, args.repeat)) for name, fn in fns.items()}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def interpret_triton_on_cpu(args) -> None:
+    """Without CUDA, Triton kernels run in its interpreter; it must be chosen before they are imported."""
+    if args.device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def stats(times: list[float]) -> dict[str, float]:
     return {"median": median(times), "mean": mean(times), "min": min(times)}
 

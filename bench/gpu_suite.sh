@@ -8,7 +8,8 @@
 #              write env.txt (GPU, driver, torch / triton / CUDA / Python versions, commit, date)
 #   check      pytest -m gpu (bf16 kernels at 1.3B shapes, CUDA-graph capture == eager) and
 #              kernel_resources.py --require-fit on the machine's own triton
-#   attention  bench_attention.py (fused kernel vs gathered SDPA / flash-attn / xformers, N = 1 2 4 8)
+#   kernels    bench_attention.py (fused kernel vs gathered SDPA / flash-attn / xformers, N = 1 2 4 8),
+#              bench_qk_norm_rope.py and bench_sink_merge.py (fused vs PyTorch reference)
 #   chunk      bench_chunk.py (per-chunk latency, eager vs graphs, MFU)
 #   e2e        bench_e2e.py --seconds 5 (Stream-T1 B=2 K=2 and N=1 streaming, eager vs graphs)
 #   memory     bench_memory.py (peak memory vs N, flat over 40 chunks)
@@ -20,7 +21,7 @@
 set -uo pipefail
 out=${1:?usage: bench/gpu_suite.sh OUT_DIR [STAGE ...]}
 shift
-stages=${*:-setup check attention chunk e2e memory reference e2e30 pack}
+stages=${*:-setup check kernels chunk e2e memory reference e2e30 pack}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -57,7 +58,10 @@ torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda,
         check)
             run check "$py" -m pytest -m gpu -q -rs tests
             run kernel_resources "$py" bench/kernel_resources.py --require-fit --out "$out" ;;
-        attention) run attention "$py" bench/bench_attention.py --out "$out" ;;
+        kernels)
+            run attention "$py" bench/bench_attention.py --out "$out"
+            run qk_norm_rope "$py" bench/bench_qk_norm_rope.py --out "$out"
+            run sink_merge "$py" bench/bench_sink_merge.py --out "$out" ;;
         chunk) run chunk "$py" bench/bench_chunk.py --out "$out" ;;
         e2e) run e2e "$py" bench/bench_e2e.py --seconds 5 $(vae_args) --out "$out" ;;
         memory) run memory "$py" bench/bench_memory.py $(vae_args) --out "$out" ;;

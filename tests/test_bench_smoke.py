@@ -105,6 +105,18 @@ def test_video_length_to_chunks(seconds, chunks):
 
 
 
+@pytest.mark.parametrize("name,sizes", [("bench_qk_norm_rope", ["--n", "1", "3"]),
+                                        ("bench_sink_merge", ["--ops", "1", "3"])])
+def test_kernel_op_benchmarks(tmp_path, name, sizes):
+    """Per-op benchmarks time the fused kernel against its reference in one run, on identical results."""
+    rows = load(name).main(["--tiny", "--dtype", "fp32", *sizes, "--out", str(tmp_path)])
+    csv_rows, _ = read_outputs(tmp_path, name)
+    assert len(csv_rows) == len(rows) == 4 and {r["backend"] for r in rows} == {"triton", "torch"}
+    for row in rows:
+        assert row["ms"] > 0 and row["gb_per_s"] > 0 and row["rel_err_vs_torch"] < 1e-6
+        assert (row["x_vs_torch"] == 1.0) == (row["backend"] == "torch")
+
+
 def _suite(out: Path, *stages: str, python: str = sys.executable):
     import os
     import subprocess
@@ -123,9 +135,10 @@ def test_gpu_suite_logs_a_failing_stage_and_goes_on(tmp_path):
     import tarfile
 
     out = tmp_path / "run"
-    res = _suite(out, "attention", "pack", python="false")  # every python command fails at once
+    res = _suite(out, "kernels", "pack", python="false")  # every python command fails at once
     assert res.returncode == 1, res.stdout + res.stderr
     log = (out / "attention.log").read_text()
     assert "bench/bench_attention.py --out" in log and "== attention: exit 1" in log
+    assert "== sink_merge: exit 1" in (out / "sink_merge.log").read_text()
     with tarfile.open(str(out) + ".tar.gz") as tar:
-        assert "run/attention.log" in tar.getnames()
+        assert {"run/attention.log", "run/qk_norm_rope.log", "run/sink_merge.log"} <= set(tar.getnames())
