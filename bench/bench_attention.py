@@ -36,10 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", choices=KERNELS, default=list(KERNELS),
                    help="what to time (sdpa_attn_only: SDPA on keys already gathered and rotated, i.e. the "
                         "gather left out); flash_attn/xformers are skipped when not installed")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.backend = "auto"  # the model's attention backend does not apply: --backends says what is timed
-    args = common.finish_args(args, warmup=5, repeat=20)
+    args = common.parse_kernel_args(p, argv, warmup=5, repeat=20)
     if args.tiny:
         args.heads, args.head_dim, args.grid = 2, 32, [2, 3]
         args.chunk_frames, args.sink_frames, args.window_frames = 2, 4, 2

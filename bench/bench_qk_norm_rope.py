@@ -25,10 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=4680, help="tokens per candidate (a 3-frame 30x52 chunk)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.backend = "auto"  # both implementations are timed
-    args = common.finish_args(args, warmup=10, repeat=50)
+    args = common.parse_kernel_args(p, argv, warmup=10, repeat=50)
     if args.tiny:
         args.tokens, args.heads, args.head_dim = 24, 2, 16
     if args.n is None:
@@ -72,11 +69,8 @@ def main(argv=None):
             rows.append({"n": n, "backend": name, "tokens": n * args.tokens, "ms": ms,
                          "gb_per_s": bytes_moved(args, n) / ms / 1e6, "x_vs_torch": timings["torch"] / ms,
                          "rel_err_vs_torch": max(common.relative_error(g, r) for g, r in zip(got, reference))})
-    notes = [f"{args.tokens} tokens x {args.heads} heads x {args.head_dim} per candidate; median of {args.repeat} "
-             f"after {args.warmup} warm-up calls", "x_vs_torch: reference time / this time"]
-    env = common.environment(args, __file__)
-    env["attention_backend"] = "triton / torch"
-    common.Report("bench_qk_norm_rope", "Fused q/k norm + RoPE", env, rows, notes=notes).emit(args.out)
+    common.emit_kernel_report(args, __file__, "bench_qk_norm_rope", "Fused q/k norm + RoPE", rows,
+                              f"{args.tokens} tokens x {args.heads} heads x {args.head_dim} per candidate")
     return rows
 
 

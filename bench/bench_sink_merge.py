@@ -28,10 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--alpha", type=float, default=0.9)
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.backend = "auto"  # both implementations are timed
-    args = common.finish_args(args, warmup=5, repeat=20)
+    args = common.parse_kernel_args(p, argv, warmup=5, repeat=20)
     if args.tiny:
         args.layers, args.page_tokens, args.heads, args.head_dim = 2, 12, 2, 16
     return args
@@ -80,11 +77,9 @@ def main(argv=None):
             err = max(common.relative_error(a, b) for a, b in zip(results[name][:2], results["torch"][:2]))
             rows.append({"ops": num_ops, "backend": name, "ms": ms, "gb_per_s": moved / ms / 1e6,
                          "x_vs_torch": timings["torch"] / ms, "rel_err_vs_torch": err})
-    notes = [f"{args.layers} layers, pages of {args.page_tokens} tokens x {args.heads} heads x {args.head_dim}; "
-             f"median of {args.repeat} after {args.warmup} warm-up calls", "x_vs_torch: reference time / this time"]
-    env = common.environment(args, __file__)
-    env["attention_backend"] = "triton / torch"
-    common.Report("bench_sink_merge", "Memory-sink merge", env, rows, notes=notes).emit(args.out)
+    common.emit_kernel_report(args, __file__, "bench_sink_merge", "Memory-sink merge", rows,
+                              f"{args.layers} layers, pages of {args.page_tokens} tokens x {args.heads} heads x "
+                              f"{args.head_dim}")
     return rows
 
 

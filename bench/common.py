@@ -250,10 +250,29 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def parse_kernel_args(p: argparse.ArgumentParser, argv, *, warmup: int, repeat: int) -> argparse.Namespace:
+    """Arguments of a kernel-level benchmark: it times implementations side by side, so the model's
+    ``--backend`` does not apply."""
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.backend = "auto"
+    return finish_args(args, warmup=warmup, repeat=repeat)
+
+
 def interpret_triton_on_cpu(args) -> None:
     """Without CUDA, Triton kernels run in its interpreter; it must be chosen before they are imported."""
     if args.device.type != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def emit_kernel_report(args, script: str, name: str, title: str, rows: list[dict], shapes: str,
+                       timed: str = "triton / torch") -> None:
+    """Result files of a kernel-level benchmark (fused kernel against its reference, timed in one run)."""
+    env = environment(args, script)
+    env["attention_backend"] = timed
+    notes = [f"{shapes}; median of {args.repeat} after {args.warmup} warm-up calls",
+             "x_vs_torch: reference time / this time"]
+    Report(name, title, env, rows, notes=notes).emit(args.out)
 
 
 def stats(times: list[float]) -> dict[str, float]:
