@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class StreamT1Engine:
         if cuda_graphs and not self.cuda_graphs:
             warnings.warn(GRAPHS_NEED_CUDA, RuntimeWarning, stacklevel=2)
         self._graphed = None  # GraphedDenoiser bound to self._cache's pool
+        self._running = threading.Lock()  # held by the one stream that owns the KV pool and the graphs
         if compile_blocks:
             compile_dit_blocks(self.model)
         self.schedule = make_schedule(config.sampler)
@@ -240,7 +242,10 @@ class StreamT1Engine:
 
         ``search``: "none", "best_of_n", "stream_t1" or a SearchConfig. Rewards: names, reward objects or
         callables ``f(frames [N, T, 3, H, W] in [0, 1], prompt) -> [N]`` (defaults: the model's, else the
-        weight-free built-ins). ``progress(done, total)`` is called after every chunk."""
+        weight-free built-ins). ``progress(done, total)`` is called after every chunk.
+
+        An engine runs one stream at a time (it owns one KV pool): while this generator is neither exhausted
+        nor closed, another ``stream``/``generate`` on the same engine raises StreamT1Error."""
         return self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, short_reward=short_reward,
                             long_reward=long_reward, final_reward=final_reward, height=height, width=width,
                             progress=progress, info=None)
@@ -249,44 +254,54 @@ class StreamT1Engine:
                 progress, info: dict | None) -> Iterator[StreamChunk]:
         search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
         short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
-        timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages)
-        started = time.perf_counter()
-        with torch.inference_mode(), timer.range("text_encode"):
-            text_states = self.text_encoder.encode([prompt]).to(self.device)
-            text = self.model.encode_text(text_states)
-        cache = self._cache_for(stream_cfg, search)
-        latent_shape = (self.config.model.in_channels, stream_cfg.chunk_frames, stream_cfg.latent_height,
-                        stream_cfg.latent_width)
-        runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt, search=search,
-                            schedule=self.schedule, num_chunks=num_chunks, seed=seed, latent_shape=latent_shape,
-                            short_reward=short, long_reward=long, attention_backend=self.backend,
-                            context_timestep=self.config.sampler.context_timestep, hooks=timer,
-                            denoiser=self._denoiser_for(cache, text))
-        emitted = 0
+        # One KV pool and one set of CUDA graphs per engine: a second stream running at the same time (an
+        # interleaved generator, another thread) would reset the pool under the first one.
+        if not self._running.acquire(blocking=False):
+            raise StreamT1Error("this engine is already running a stream (a generate() in another thread, or a "
+                                "stream() generator that is neither exhausted nor closed); finish or close() it "
+                                "first, or use one engine per concurrent request")
         try:
-            for c in range(num_chunks):
-                with torch.inference_mode():
-                    runner.step()
-                if progress is not None:
-                    progress(c + 1, num_chunks)
-                final_nodes = runner.final_chunks() if c + 1 < num_chunks else []
-                for node in final_nodes[emitted:]:
+            timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages)
+            started = time.perf_counter()
+            with torch.inference_mode(), timer.range("text_encode"):
+                text_states = self.text_encoder.encode([prompt]).to(self.device)
+                text = self.model.encode_text(text_states)
+            cache = self._cache_for(stream_cfg, search)
+            latent_shape = (self.config.model.in_channels, stream_cfg.chunk_frames, stream_cfg.latent_height,
+                            stream_cfg.latent_width)
+            runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt,
+                                search=search, schedule=self.schedule, num_chunks=num_chunks, seed=seed,
+                                latent_shape=latent_shape, short_reward=short, long_reward=long,
+                                attention_backend=self.backend, hooks=timer,
+                                context_timestep=self.config.sampler.context_timestep,
+                                denoiser=self._denoiser_for(cache, text))
+            emitted = 0
+            try:
+                for c in range(num_chunks):
+                    with torch.inference_mode():
+                        runner.step()
+                    if progress is not None:
+                        progress(c + 1, num_chunks)
+                    final_nodes = runner.final_chunks() if c + 1 < num_chunks else []
+                    for node in final_nodes[emitted:]:
+                        yield _to_stream_chunk(node)
+                    emitted = max(emitted, len(final_nodes))
+                with torch.inference_mode(), timer.range("final_pick"):
+                    best, beam_scores = runner.choose_final(final)
+                for node in runner.beams[best].node.lineage()[emitted:]:
                     yield _to_stream_chunk(node)
-                emitted = max(emitted, len(final_nodes))
-            with torch.inference_mode(), timer.range("final_pick"):
-                best, beam_scores = runner.choose_final(final)
-            for node in runner.beams[best].node.lineage()[emitted:]:
-                yield _to_stream_chunk(node)
-            if info is not None:
-                info.update(
-                    records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                    search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
-                    device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-                    attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
-                    kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
-                    stages=timer.summary(), cuda_graphs=self.cuda_graphs)
+                if info is not None:
+                    info.update(
+                        records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
+                        search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
+                        device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                        attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
+                        kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
+                        stages=timer.summary(), cuda_graphs=self.cuda_graphs)
+            finally:
+                runner.release()
         finally:
-            runner.release()
+            self._running.release()
 
     def generate(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                  **kwargs) -> GenerationResult:

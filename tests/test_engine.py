@@ -55,6 +55,49 @@ def test_stream_t1_streams_agreed_chunks_early(engine):
     assert result.info["chosen_beam"] in (0, 1)
 
 
+def test_one_stream_at_a_time_per_engine(engine):
+    """A second stream on the same engine would reset the shared KV pool under the first: it is refused."""
+    expected = engine.generate("a blue square", num_chunks=3, seed=2)
+    first = engine.stream("a blue square", num_chunks=3, seed=2)
+    got = [next(first)]
+    with pytest.raises(StreamT1Error, match="already running a stream"):
+        engine.generate("a red circle", num_chunks=2, seed=9)
+    with pytest.raises(StreamT1Error, match="already running a stream"):
+        next(engine.stream("a red circle", num_chunks=2, seed=9))
+    got += list(first)  # the first stream is unharmed
+    assert torch.equal(torch.cat([c.frames for c in got]), expected.frames)
+    # exhausted: the engine is free again; closing a stream early frees it too
+    early = engine.stream("a blue square", num_chunks=3, seed=2)
+    next(early)
+    early.close()
+    assert torch.equal(engine.generate("a blue square", num_chunks=3, seed=2).frames, expected.frames)
+
+
+def test_concurrent_thread_is_refused_not_corrupted(engine):
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    results = {}
+
+    def hold(done, total):
+        started.set()
+        release.wait(timeout=60)
+
+    def background():
+        results["video"] = engine.generate("a green triangle", num_chunks=2, seed=4, progress=hold)
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    try:
+        assert started.wait(timeout=60)
+        with pytest.raises(StreamT1Error, match="already running a stream"):
+            engine.generate("a red circle", num_chunks=1, seed=1)
+    finally:
+        release.set()
+        worker.join(timeout=120)
+    assert torch.equal(results["video"].frames, engine.generate("a green triangle", num_chunks=2, seed=4).frames)
+
+
 def test_resolution_override(engine):
     result = engine.generate("a dot", num_chunks=1, height=16, width=48)
     assert result.frames.shape == (3, 16, 48, 3)
