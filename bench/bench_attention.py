@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", choices=KERNELS, default=list(KERNELS),
                    help="what to time (sdpa_attn_only: SDPA on keys already gathered and rotated, i.e. the "
                         "gather left out); flash_attn/xformers are skipped when not installed")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16/fp16 peak for the share-of-peak column (default: from the GPU name)")
     args = common.parse_kernel_args(p, argv, warmup=5, repeat=20)
     if args.tiny:
         args.heads, args.head_dim, args.grid = 2, 32, [2, 3]
@@ -123,6 +125,7 @@ def main(argv=None):
     from streamt1_engine.kernels.paged_attention.fused import attention_flops
 
     device, dtype = str(args.device), args.torch_dtype
+    peak = common.peak_tflops(args.device, dtype, args.peak_tflops)
     rows = []
     for n in args.n:
         inputs, lq, kv_len = build_inputs(args, n, device, dtype)
@@ -133,6 +136,7 @@ def main(argv=None):
         for name, ms in timings.items():
             rows.append({
                 "n": n, "backend": name, "lq": lq, "kv_len": kv_len, "ms": ms, "tflops": flops / ms / 1e9,
+                "share_of_peak": flops / ms / 1e9 / peak if peak else None,
                 "x_vs_sdpa": timings["sdpa"] / ms if "sdpa" in timings else None,
                 "rel_err_vs_sdpa": common.relative_error(fns[name](), reference) if reference is not None else None,
             })
@@ -144,7 +148,9 @@ def main(argv=None):
     notes = [f"H={args.heads}, D={args.head_dim}, {args.grid[0]}x{args.grid[1]} tokens per frame, "
              f"{args.chunk_frames}-frame pages, {args.sink_frames}-frame sink + {args.window_frames}-frame window; "
              f"median of {args.repeat} after {args.warmup} warm-up calls",
-             "x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel replaces)"]
+             "x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel replaces)",
+             f"share_of_peak: TFLOP/s over {peak} TFLOP/s (spec-sheet dense peak)" if peak else
+             "share_of_peak: no peak known for this device/dtype (pass --peak-tflops)"]
     common.Report("bench_attention", "Paged attention kernel", env, rows, notes=notes).emit(args.out)
     return rows
 
