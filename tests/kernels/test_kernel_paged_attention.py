@@ -216,17 +216,36 @@ def _realistic(n, dtype, pages, lq=1560 * 3, frame_tokens=1560, h=12, d=128):
             counts.cuda(), pos.cuda(), rope.frame_cos, rope.frame_sin, sc, ss, frame_tokens)
 
 
+def _relative_error(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 @pytest.mark.parametrize("n,pages", [(1, 0), (2, 3), (3, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_realistic(n, pages, dtype):
+    """1.3B shapes against a float32 reference: no worse than stock SDPA on the same half-precision inputs.
+
+    Queries are scaled up so attention is peaked (with unit logits the output of 40k keys is ~0 and any
+    error hides under an absolute tolerance); the first and last 600 queries (the last tile is partial)
+    are checked against the float32 reference, whose memory grows with the number of queries.
+    """
     from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
 
-    args = _realistic(n, dtype, pages)
-    expected = paged_attention(*args, backend="sdpa").float()
-    got = paged_attention_triton(*args)
-    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+    args = list(_realistic(n, dtype, pages))
+    args[0] = args[0] * 3
+    lq = args[0].shape[1]
+    out = torch.full_like(args[0], float("nan"))
+    got = paged_attention_triton(*args, out=out)
+    assert torch.isfinite(got).all(), "unwritten or non-finite output"
+    rows = torch.cat([torch.arange(0, 600), torch.arange(lq - 600, lq)]).cuda()
+    upcast = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    upcast[0] = upcast[0][:, rows]
+    reference = paged_attention_naive(*upcast)
+    stock = paged_attention(*args, backend="sdpa")[:, rows]
+    err, stock_err = _relative_error(got[:, rows], reference), _relative_error(stock, reference)
+    assert err <= max(2 * stock_err, 2e-3), f"fused {err:.2e} vs stock SDPA {stock_err:.2e} (relative to fp32)"
 
 
 @pytest.mark.gpu
