@@ -231,7 +231,7 @@ def nvtx_available() -> bool:
 def model_call_ranges(model: torch.nn.Module, prefix: str):
     """An NVTX range around every forward of ``model`` inside the block ("<prefix> 0", "<prefix> 1", ...).
 
-    Without the optional ``nvtx`` package this is a no-op; the hooks cost a few microseconds per call.
+    Without NVTX (no ``nvtx`` package and no CUDA) this is a no-op; the hooks cost a few microseconds per call.
     """
     nvtx = profiling._nvtx
     if nvtx is None:

@@ -1,5 +1,5 @@
-"""Named ranges around the algorithm's stages: NVTX for profiler timelines (if the optional ``nvtx``
-package is present) and wall-clock totals per stage for the run record."""
+"""Named ranges around the algorithm's stages: NVTX for profiler timelines (the optional ``nvtx`` package,
+else torch's own NVTX bindings on a CUDA machine) and wall-clock totals per stage for the run record."""
 from __future__ import annotations
 
 import time
@@ -8,10 +8,24 @@ from contextlib import contextmanager
 
 import torch
 
+
+class TorchNvtx:
+    """torch's built-in NVTX calls with the ``nvtx`` package's interface; ranges land in the default
+    domain instead of "streamt1"."""
+
+    @staticmethod
+    def push_range(message: str, domain: str | None = None) -> None:
+        torch.cuda.nvtx.range_push(message)
+
+    @staticmethod
+    def pop_range(domain: str | None = None) -> None:
+        torch.cuda.nvtx.range_pop()
+
+
 try:  # optional dependency
     import nvtx as _nvtx
 except ImportError:  # pragma: no cover - depends on the environment
-    _nvtx = None
+    _nvtx = TorchNvtx() if torch.cuda.is_available() else None
 
 
 class StageTimer:

@@ -208,6 +208,18 @@ def test_nvtx_ranges_per_stage_and_per_denoising_step(monkeypatch):
     assert fake.events == []
 
 
+def test_torch_nvtx_fallback_forwards_ranges(monkeypatch):
+    """Without the nvtx package, CUDA machines still get ranges through torch's NVTX bindings."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda msg: calls.append(("push", msg)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop", None)))
+    monkeypatch.setattr(profiling, "_nvtx", profiling.TorchNvtx())
+    timer = profiling.StageTimer(use_nvtx=True)
+    with timer.range("rewards"):
+        pass
+    assert calls == [("push", "rewards"), ("pop", None)] and timer.calls["rewards"] == 1
+
+
 def test_nvtx_step_ranges_are_a_no_op_without_nvtx(monkeypatch):
     monkeypatch.setattr(profiling, "_nvtx", None)
     model = tiny_model(in_channels=12, out_channels=12)
