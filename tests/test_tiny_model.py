@@ -98,10 +98,14 @@ def test_loader_reports_missing_files(tmp_path):
 def test_trainer_writes_a_loadable_model_dir(tmp_path):
     from streamt1_engine.tiny.train import train
 
-    info = train(tmp_path, steps=2, batch=2, threads=1, val_size=2, log_every=1)
-    assert info["steps"] == 2 and info["stopped_by"] == "steps"
-    model = load_tiny_model(tmp_path)
+    info = train(tmp_path / "a", steps=2, batch=2, threads=1, val_size=2, log_every=1)
+    assert info["steps"] == 2 and info["stopped_by"] == "steps" and info["init"] is None
+    model = load_tiny_model(tmp_path / "a")
     assert model.dit.config == load_tiny_model().dit.config
+    # a second stage starts from the first one's weights and records where it came from
+    second = train(tmp_path / "b", steps=1, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "a")
+    assert second["init"] == str(tmp_path / "a")
+    assert json.loads((tmp_path / "b" / "streamt1.json").read_text())["training"]["init"] == str(tmp_path / "a")
 
 
 def test_quality_benchmark_quick_mode(capsys):

@@ -10,7 +10,11 @@ has moved away from the sink (a chunk right after such a jump is context only: n
 follow the sampler's shifted schedule, three quarters of them exactly the 4 warped steps used at
 inference; the loss weighs object pixels up. Training stops at ``--steps`` or ``--minutes``, whichever comes first (the
 learning-rate schedule follows the nearer one), and the model directory is rewritten every few minutes
-so an interrupted run still leaves usable weights. The shipped weights are the EMA of the default run.
+so an interrupted run still leaves usable weights. The shipped weights are the EMA of two runs (about 65
+minutes on 2 cores in all): the default run, then a second one started from it (``--init``)::
+
+    python -m streamt1_engine.tiny.train --out stage1
+    python -m streamt1_engine.tiny.train --out stage2 --init stage1 --seed 1 --lr 1e-3 --steps 3000 --minutes 60
 """
 from __future__ import annotations
 
@@ -289,7 +293,8 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
     training = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "ema_decay": ema_decay,
                 "rollout_prob": rollout_prob, "rollout_after": rollout_after,
                 "train_loss": round(final_loss, 5), "val_loss_at_inference_steps": round(val, 5),
-                "minutes": round(minutes_used, 1), "threads": threads, "stopped_by": stopped_by}
+                "minutes": round(minutes_used, 1), "threads": threads, "stopped_by": stopped_by,
+                "init": str(init) if init is not None else None}
     save_model_dir(ema.shadow, out, training)
     print(f"done: {step} steps in {minutes_used:.1f} min (stopped by {stopped_by}), train loss {final_loss:.4f}, "
           f"validation loss (EMA, inference steps) {val:.4f}; wrote {out}", flush=True)
