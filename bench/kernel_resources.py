@@ -34,6 +34,8 @@ from common import Report, environment, markdown_table  # noqa: E402, F401
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SMEM_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
 REGISTERS_PER_SM = 65536
+WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
+BLOCKS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                     torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8"}
 
@@ -138,7 +140,8 @@ def compile_config(fn, args, kwargs, meta: dict, num_warps: int, num_stages: int
     shared = int(kernel.metadata.shared)
     spill = usage.get("stack", 0) + usage.get("local", 0)
     regs_per_block = -(-usage["reg"] // 8) * 8 * 32 * num_warps
-    blocks_per_sm = min(REGISTERS_PER_SM // regs_per_block, SMEM_PER_SM[arch] // (shared + 1024) if shared else 32)
+    blocks_per_sm = min(REGISTERS_PER_SM // regs_per_block, WARPS_PER_SM[arch] // num_warps, BLOCKS_PER_SM[arch],
+                        SMEM_PER_SM[arch] // (shared + 1024))
     fits = spill == 0 and shared <= SMEM_PER_BLOCK[arch] and blocks_per_sm >= 1
     return {"registers": usage["reg"], "spill_bytes": spill, "shared_kib": round(shared / 1024, 1),
             "blocks_per_sm": blocks_per_sm, "matrix_ops": matrix, "fits": fits, "compile_s": round(seconds, 2)}
