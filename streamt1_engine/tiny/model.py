@@ -6,6 +6,7 @@ tests and the quality checks use independently of the engine's paged cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from ..config import SamplerConfig, StreamConfig, WanConfig
 from ..errors import require
 from ..model.wan import CausalWanDiT, ChunkAttention
-from ..sampler import ChunkNoise, Schedule, denoise_chunk, make_schedule
+from ..sampler import ChunkNoise, denoise_chunk, make_schedule
 from .text_encoder import TinyTextEncoder, load_tiny_text_encoder
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -131,9 +132,9 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
     dtype = dit.patch_embedding.weight.dtype
     b, c = len(prompts), dit.config.in_channels
     cf, h, w = stream.chunk_frames, stream.latent_height, stream.latent_width
-    if steps is None:
-        steps = inference_timesteps(model.sampler)
-    schedule = Schedule(tuple(steps), tuple(t / 1000.0 for t in steps))
+    sampler = model.sampler if steps is None else \
+        dataclasses.replace(model.sampler, denoising_steps=tuple(steps), warp_denoising_steps=False)
+    schedule = make_schedule(sampler)
     text = dit.encode_text(model.text_encoder.encode(prompts).to(device, dtype))
     gen = torch.Generator().manual_seed(seed)
     window_chunks = stream.window_frames // cf - 1
@@ -142,7 +143,8 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
         context_ids = sorted(set(range(max(0, k - window_chunks), k)) | ({0} if k > 0 else set()))
         context = [chunks[i] for i in context_ids]
         positions = [i * cf + j for i in context_ids for j in range(cf)] + [k * cf + j for j in range(cf)]
-        draws = [torch.randn(b, c, cf, h, w, generator=gen) for _ in steps]  # initial, then one per re-noise
+        # the initial noise, then one draw per re-noise
+        draws = [torch.randn(b, c, cf, h, w, generator=gen) for _ in range(schedule.num_steps)]
         noise = ChunkNoise(draws[0].to(device, dtype), torch.stack(draws[1:]).to(device, dtype))
 
         def dense_flow(x, t, text_ctx, attn, context=context, positions=positions):
