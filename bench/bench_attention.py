@@ -143,15 +143,14 @@ def main(argv=None):
         del inputs, fns, reference
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
-    env = common.environment(args, __file__)
-    env["attention_backend"] = " / ".join(args.backends)
-    notes = [f"H={args.heads}, D={args.head_dim}, {args.grid[0]}x{args.grid[1]} tokens per frame, "
-             f"{args.chunk_frames}-frame pages, {args.sink_frames}-frame sink + {args.window_frames}-frame window; "
-             f"median of {args.repeat} after {args.warmup} warm-up calls",
-             "x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel replaces)",
-             f"share_of_peak: TFLOP/s over {peak} TFLOP/s (spec-sheet dense peak)" if peak else
-             "share_of_peak: no peak known for this device/dtype (pass --peak-tflops)"]
-    common.Report("bench_attention", "Paged attention kernel", env, rows, notes=notes).emit(args.out)
+    shapes = (f"H={args.heads}, D={args.head_dim}, {args.grid[0]}x{args.grid[1]} tokens per frame, "
+              f"{args.chunk_frames}-frame pages, {args.sink_frames}-frame sink + {args.window_frames}-frame window")
+    peak_note = (f"share_of_peak: TFLOP/s over {peak} TFLOP/s (spec-sheet dense peak)" if peak else
+                 "share_of_peak: no peak known for this device/dtype (pass --peak-tflops)")
+    common.emit_kernel_report(
+        args, __file__, "bench_attention", "Paged attention kernel", rows, shapes, timed=" / ".join(args.backends),
+        ratio_note="x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel "
+                   "replaces)", extra_notes=(peak_note,))
     return rows
 
 

@@ -266,12 +266,12 @@ def interpret_triton_on_cpu(args) -> None:
 
 
 def emit_kernel_report(args, script: str, name: str, title: str, rows: list[dict], shapes: str,
-                       timed: str = "triton / torch") -> None:
-    """Result files of a kernel-level benchmark (fused kernel against its reference, timed in one run)."""
+                       timed: str = "triton / torch", ratio_note: str = "x_vs_torch: reference time / this time",
+                       extra_notes: tuple[str, ...] = ()) -> None:
+    """Result files of a kernel-level benchmark (fused kernel against its baseline, timed in one run)."""
     env = environment(args, script)
     env["attention_backend"] = timed
-    notes = [f"{shapes}; median of {args.repeat} after {args.warmup} warm-up calls",
-             "x_vs_torch: reference time / this time"]
+    notes = [f"{shapes}; median of {args.repeat} after {args.warmup} warm-up calls", ratio_note, *extra_notes]
     Report(name, title, env, rows, notes=notes).emit(args.out)
 
 

@@ -28,7 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, environment, markdown_table  # noqa: E402, F401
+from common import Report, environment  # noqa: E402
 
 # Shared memory per block (opt-in maximum) and per SM, bytes, by compute capability.
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
