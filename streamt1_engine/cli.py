@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-encoder", default=None, help="umT5 source for a bare DiT checkpoint")
     gen.add_argument("--vae", default=None, help="Wan VAE source for a bare DiT checkpoint")
     gen.add_argument("--lora", default=None, help="LoRA file merged at load (LongLive)")
+    gen.add_argument("--lora-alpha", type=float, default=None,
+                     help="alpha the LoRA was trained with (its config's adapter alpha); scale = alpha / rank; "
+                          "default: the file's alpha, else the rank")
     gen.add_argument("--chunks", type=int, default=7, help="number of chunks (3 latent frames each)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -95,7 +98,8 @@ def generate(args) -> int:
     search = search_config(args)
     engine = StreamT1Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             attention_backend=args.attention_backend, text_encoder=args.text_encoder,
-                                            vae=args.vae, lora=args.lora, cuda_graphs=args.cuda_graphs)
+                                            vae=args.vae, lora=args.lora, lora_alpha=args.lora_alpha,
+                                            cuda_graphs=args.cuda_graphs)
     bar = None
     seen = 0
 

@@ -150,16 +150,18 @@ class StreamT1Engine:
     @classmethod
     def from_pretrained(cls, source: str | None = "tiny", *, device="cpu", dtype=None, attention_backend="auto",
                         text_encoder: str | None = None, vae: str | None = None, lora: str | None = None,
-                        stream: StreamConfig | None = None, **kwargs) -> "StreamT1Engine":
+                        lora_alpha: float | None = None, stream: StreamConfig | None = None,
+                        **kwargs) -> "StreamT1Engine":
         """``source``: "tiny" (the embedded model), "random-tiny", an engine-format directory, a diffusers Wan
         pipeline directory, or a DiT checkpoint (Self-Forcing / CausVid / LongLive / Wan) together with
-        ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id."""
+        ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id. ``lora_alpha``: the alpha the
+        ``lora`` was trained with (None = the file's, else its rank); it is merged with scale alpha / rank."""
         from . import loaders  # local import keeps the engine importable without optional parts
 
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
         parts = loaders.load_parts(source or "tiny", device=dev, dtype=dt, text_encoder=text_encoder, vae=vae,
-                                   lora=lora, stream=stream)
+                                   lora=lora, lora_alpha=lora_alpha, stream=stream)
         return cls(parts.model, parts.text_encoder, parts.vae, parts.config, device=dev, dtype=dt,
                    attention_backend=attention_backend, fps=parts.fps, name=parts.name,
                    default_rewards=parts.default_rewards, **kwargs)

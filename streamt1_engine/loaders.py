@@ -45,7 +45,7 @@ def random_tiny_parts(device, dtype, seed: int = 0) -> ModelParts:
     return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, SamplerConfig()), fps=8, name="random-tiny")
 
 
-def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
+def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None) -> ModelParts:
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
     from .vae import build_vae
@@ -65,7 +65,8 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
     sampler = SamplerConfig(**sampler_spec)
     weights = directory / spec.get("weights", "dit.safetensors")
     require(weights.exists(), f"missing weights file {weights}")
-    model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, device="cpu", dtype=torch.float32,
+    model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, lora_alpha=lora_alpha, device="cpu",
+                     dtype=torch.float32,
                      max_frames=stream.max_frames)
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
     vae = build_vae(spec["vae"], directory, device, torch.float32)
@@ -73,12 +74,12 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
                       name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
 
 
-def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None,
+def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None, lora_alpha=None,
                stream: StreamConfig | None = None) -> ModelParts:
     if source == "tiny":
         _register_builtin_components()
         if (BUILTIN_DIR / ENGINE_CONFIG_FILE).exists():
-            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora)
+            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora, lora_alpha)
             parts.name = "tiny"
         else:
             parts = random_tiny_parts(device, dtype)
@@ -90,15 +91,15 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         path = resolve_model_dir(source)
         if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
             _register_builtin_components()
-            parts = _engine_dir_parts(path, device, dtype, lora)
+            parts = _engine_dir_parts(path, device, dtype, lora, lora_alpha)
         else:
-            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora)
+            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora, lora_alpha)
     if stream is not None:
         parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
     return parts
 
 
-def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) -> ModelParts:
+def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, lora_alpha=None) -> ModelParts:
     """A Wan-architecture DiT from diffusers / original Wan / Self-Forcing / LongLive files."""
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
@@ -110,7 +111,8 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) 
                 f"{source!r} is a bare DiT checkpoint: pass text_encoder= and vae= (e.g. a Wan2.1 diffusers "
                 f"pipeline directory or hub id)")
     # LongLive trains its LoRA on the non-EMA generator, Self-Forcing samples with the EMA weights
-    model = load_dit(str(path), lora=lora, use_ema=lora is None, device="cpu", dtype=torch.float32,
+    model = load_dit(str(path), lora=lora, lora_alpha=lora_alpha, use_ema=lora is None, device="cpu",
+                     dtype=torch.float32,
                      max_frames=WAN_STREAM.max_frames)
     text = build_text_encoder({"type": "umt5", "path": str(text_encoder or path)}, None, device, dtype)
     decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, torch.float32)

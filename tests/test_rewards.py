@@ -1,10 +1,12 @@
 """Rewards: contract and adapters, built-in heuristics, hybrid weighting, registry, and the model wrappers on tiny
-random checkpoints built here in the real formats (CLIP, HPSv3, VideoAlign)."""
+random checkpoints built here in the real formats (CLIP, HPSv3, VideoAlign), checked against forwards written here
+the way the official reward code runs them (sequential positions, uint8 pixels, official template files)."""
 from __future__ import annotations
 
 import inspect
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from streamt1_engine.rewards import (
     known_rewards,
     score,
 )
+from streamt1_engine.rewards import templates
 from streamt1_engine.rewards.qwen2vl import VisionGeometry, mrope_positions, patchify
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -336,8 +339,10 @@ def token_types(model, ids, pad_id, modality):
     return {"mm_token_type_ids": (ids == pad_id).int() * (1 if modality == "image" else 2)}
 
 
-def reference_hidden(model, tokenizer, text, pixels, grid, modality):
-    """Hidden states the transformers way: its own placeholder expansion, token types and 3-D rope index."""
+def reference_hidden(model, tokenizer, text, pixels, grid, modality, rope="official"):
+    """Hidden states of one prompt. ``rope="official"``: as the HPSv3 / VideoAlign forwards run it: token
+    embeddings with the vision tower's output scattered over the pad tokens, then the language model called with
+    ``position_ids=None``. ``rope="mrope"``: transformers' own forward (token types and 3-D rope index)."""
     pad_id = model.config.image_token_id if modality == "image" else model.config.video_token_id
     pad = tokenizer.convert_ids_to_tokens(pad_id)
     count = int(np.prod(grid)) // 4
@@ -346,10 +351,22 @@ def reference_hidden(model, tokenizer, text, pixels, grid, modality):
     ids = torch.tensor([tokenizer(rendered.replace(pad, pad * count), add_special_tokens=False)["input_ids"]])
     key = "image" if modality == "image" else "video"
     with torch.no_grad():
-        out = model(input_ids=ids, **token_types(model, ids, pad_id, modality), **{
-            ("pixel_values" if key == "image" else "pixel_values_videos"): pixels,
-            f"{key}_grid_thw": torch.tensor([grid])}).last_hidden_state
+        if rope == "official":
+            embeds = model.get_input_embeddings()(ids)
+            vision = model.visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
+            embeds = embeds.masked_scatter((ids == pad_id)[..., None].expand_as(embeds), vision)
+            out = model.language_model(inputs_embeds=embeds, position_ids=None).last_hidden_state
+        else:
+            out = model(input_ids=ids, **token_types(model, ids, pad_id, modality), **{
+                ("pixel_values" if key == "image" else "pixel_values_videos"): pixels,
+                f"{key}_grid_thw": torch.tensor([grid])}).last_hidden_state
     return ids[0], out[0]
+
+
+def uint8_frames(*shape, seed=0):
+    """Random frames already on the 256 uint8 levels (what the engine hands the rewards), as float in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=g).float() / 255
 
 
 # ----------------------------------------------------------------------------------------- Qwen2-VL plumbing
@@ -423,29 +440,188 @@ def make_hpsv3(tmp_path, seed=0):
     return base, ckpt, model, head
 
 
-def test_hpsv3_matches_an_independent_transformers_forward(tmp_path):
+# Stand-ins for the official sources, in their file layout: the engine must read these texts from here.
+FAKE_HPSV3_INSTRUCTION = "\nYou are rating the image {{ visual quality }} .\nText prompt - {text_prompt}\n\n"
+FAKE_HPSV3_REWARD_LINE = "\nPlease provide the overall score of this image : <|Reward|>\n\nEND\n"
+FAKE_VIDEOALIGN_PROMPT = ("\nrating the video . visual quality : <|VQ_reward|>\nEND\nmotion quality : <|MQ_reward|>\n"
+                          "END\nText prompt - {text_prompt}\nalignment : <|TA_reward|>\nEND\n")
+
+
+def fake_hpsv3_package(root):
+    """An ``hpsv3`` package whose import fails (it must be parsed, never imported) with the collator module."""
+    package = root / "hpsv3"
+    (package / "dataset").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the hpsv3 package must not be imported')\n")
+    (package / "dataset" / "data_collator_qwen.py").write_text(
+        "import torch\n\n"
+        f"INSTRUCTION = {FAKE_HPSV3_INSTRUCTION!r}\n"
+        "INSTRUCTION_debug = '{text_prompt}'\n"
+        f"prompt_with_special_token = {FAKE_HPSV3_REWARD_LINE!r}\n"
+        "prompt_without_special_token = 'no token'\n"
+        "COLLATORS = dict(a=1)\n")
+    return package
+
+
+def fake_videoalign_checkout(root):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompt_template.py").write_text(
+        "DIMENSION_DESCRIPTIONS = {'VQ': ['visual quality', 'clearness']}\n"
+        "SIMPLE_PROMPT = 'rate the {dimension_name} of {text_prompt}'\n"
+        f"DETAILED_PROMPT_WITH_SPECIAL_TOKEN = {FAKE_VIDEOALIGN_PROMPT!r}\n"
+        "def build_prompt(prompt, dimension, template_type):\n    raise RuntimeError('never run')\n")
+    return root
+
+
+class TokenizerSpy:
+    """Delegates to a tokenizer and records the chat messages and the texts it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.messages, self.texts = tokenizer, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.messages.append(messages)
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, text, **kwargs):
+        self.texts.append(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_hpsv3_matches_the_official_forward(tmp_path, monkeypatch):
+    """Sequential positions, the official template, uint8 pixels rescaled by the image processor: the engine's
+    score equals the HPSv3 forward (language model called with position_ids=None), per-frame mu averaged."""
     from streamt1_engine.rewards.models import HPSv3Reward
 
     base, ckpt, model, head = make_hpsv3(tmp_path)
+    fake_hpsv3_package(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     reward = HPSv3Reward(str(ckpt), base=str(base), pixels=8 * 12)
-    assert reward.kind == "image"
-    frames = torch.rand(2, 3, 3, 8, 12)
+    assert reward.kind == "image" and reward.template_origin.endswith("data_collator_qwen.py")
+    frames = uint8_frames(2, 3, 3, 8, 12)
     scores = score(reward, frames, "a red ball")
     assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert not torch.allclose(scores[0], scores[1])
 
     tokenizer = reward.scorer.tokenizer
     processor = image_processor()
-    text = reward.template.replace("{prompt}", "a red ball")
-    expected = []
+    text = FAKE_HPSV3_INSTRUCTION.format(text_prompt="a red ball") + FAKE_HPSV3_REWARD_LINE  # as hpsv3 builds it
+    per_frame = []
     for image in frames.flatten(0, 1):
-        pixels = processor(images=[image.permute(1, 2, 0).numpy()], do_resize=False, do_rescale=False,
-                           return_tensors="pt")["pixel_values"]
+        uint8 = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = processor(images=[uint8], do_resize=False, return_tensors="pt")["pixel_values"]
         ids, hidden = reference_hidden(model, tokenizer, text, pixels, (1, 4, 6), "image")
         reward_pos = (ids == tokenizer.convert_tokens_to_ids("<|Reward|>")).nonzero()[0, 0]
-        expected.append(head(hidden[reward_pos])[0])  # mu
-    expected = torch.stack(expected).view(2, 3).mean(dim=1)
-    assert torch.allclose(scores, expected, atol=1e-4), (scores, expected)
+        per_frame.append(head(hidden[reward_pos])[0])  # (mu, sigma) -> mu
+    expected = torch.stack(per_frame).view(2, 3).mean(dim=1)
+    assert torch.allclose(scores, expected, atol=1e-5), (scores, expected)
+
+
+def test_reward_language_model_gets_sequential_positions_not_mrope(tmp_path):
+    """What the language model receives is 0..L-1 on all three axes; Qwen2-VL's M-RoPE stays an option, matches
+    transformers' own forward and scores differently on the proxy."""
+    from streamt1_engine.rewards.models import HPSv3Reward
+
+    base, ckpt, model, head = make_hpsv3(tmp_path)
+    template = "rate this image , prompt : {prompt} . score <|Reward|>"
+    reward = HPSv3Reward(str(ckpt), base=str(base), pixels=8 * 12, template=template)
+    received = []
+    reward.scorer.module.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: received.append(kwargs["position_ids"].clone()), with_kwargs=True)
+    frames = uint8_frames(1, 2, 3, 8, 12, seed=3)
+    sequential = reward(frames, "a cat")
+    length = received[0].shape[-1]
+    assert received[0].shape == (3, 2, length) and length > 6 + 10  # 6 merged image tokens plus the text
+    assert torch.equal(received[0], torch.arange(length).expand(3, 2, length))
+
+    mrope = HPSv3Reward(str(ckpt), base=str(base), pixels=8 * 12, template=template, positions="mrope")
+    mrope_scores = mrope(frames, "a cat")
+    text = template.replace("{prompt}", "a cat")
+    expected = []
+    for image in frames[0]:
+        pixels = patchify(((image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))
+                          [None, None].expand(1, 2, 3, 8, 12), GEOMETRY)
+        ids, hidden = reference_hidden(model, reward.scorer.tokenizer, text, pixels, (1, 4, 6), "image", rope="mrope")
+        expected.append(head(hidden[(ids == reward.scorer.tokenizer.convert_tokens_to_ids("<|Reward|>"))][0])[0])
+    assert torch.allclose(mrope_scores, torch.stack(expected).mean(), atol=1e-5)
+    assert (mrope_scores - sequential).abs().item() > 1e-3
+    with pytest.raises(StreamT1Error, match="positions"):
+        HPSv3Reward(str(ckpt), base=str(base), template=template, positions="3d")
+
+
+def test_hpsv3_template_file_reaches_the_tokenizer_unchanged(tmp_path):
+    from streamt1_engine.rewards.models import HPSv3Reward
+
+    base, ckpt, _, _ = make_hpsv3(tmp_path)
+    text = "\nJudge {{this}} image .\n  Text prompt - {text_prompt}\nscore : <|Reward|>\nEND\n"
+    template_file = tmp_path / "hpsv3_template.txt"
+    template_file.write_text(text)
+    reward = HPSv3Reward(str(ckpt), base=str(base), pixels=96, template_source=str(template_file))
+    spy = reward.scorer.tokenizer = TokenizerSpy(reward.scorer.tokenizer)
+    reward(uint8_frames(1, 1, 3, 8, 12), "a dog and a ball")
+    with_prompt = text.replace("{text_prompt}", "a dog and a ball")  # a file is used verbatim: braces stay
+    assert spy.messages == [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": with_prompt}]}]]
+    rendered = spy.tokenizer.apply_chat_template(spy.messages[0], tokenize=False, add_generation_prompt=True)
+    assert spy.texts == [rendered.replace("<|image_pad|>", "<|image_pad|>" * 6)]
+    assert with_prompt in spy.texts[0]
+
+
+def test_hpsv3_reads_the_official_template_from_the_package_without_importing_it(tmp_path, monkeypatch):
+    from streamt1_engine.rewards.models import HPSv3Reward
+
+    base, ckpt, _, _ = make_hpsv3(tmp_path)
+    package = fake_hpsv3_package(tmp_path / "site")
+    expected = FAKE_HPSV3_INSTRUCTION.format(text_prompt="{prompt}") + FAKE_HPSV3_REWARD_LINE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an official source found: no fallback warning
+        for source in (package, package.parent, package / "dataset" / "data_collator_qwen.py"):
+            assert HPSv3Reward(str(ckpt), base=str(base), template_source=str(source)).template == expected
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+        assert HPSv3Reward(str(ckpt), base=str(base)).template == expected
+    assert "{ visual quality }" in expected and "{{" not in expected  # str.format escaping as the official code
+    broken = tmp_path / "broken"
+    (broken / "dataset").mkdir(parents=True)
+    (broken / "dataset" / "data_collator_qwen.py").write_text("INSTRUCTION = make_text()\n")
+    with pytest.raises(StreamT1Error, match="no string INSTRUCTION"):
+        HPSv3Reward(str(ckpt), base=str(base), template_source=str(broken))
+    with pytest.raises(StreamT1Error, match="does not exist"):
+        HPSv3Reward(str(ckpt), base=str(base), template_source=str(tmp_path / "nowhere.txt"))
+
+
+def test_fallback_templates_warn_once_that_scores_are_not_comparable(tmp_path, monkeypatch):
+    from streamt1_engine.rewards.models import HPSV3_TEMPLATE, HPSv3Reward, VideoAlignReward
+
+    monkeypatch.setattr(templates, "_warned", set())
+    base, ckpt, _, _ = make_hpsv3(tmp_path)
+    root, _, _ = make_videoalign(tmp_path / "va")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = HPSv3Reward(str(ckpt), base=str(base))
+        HPSv3Reward(str(ckpt), base=str(base))
+        VideoAlignReward(str(root), min_pixels=16)
+        VideoAlignReward(str(root), min_pixels=16)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("HPSv3") and messages[1].startswith("VideoAlign")
+    assert all("NOT comparable" in m for m in messages)
+    assert first.template == HPSV3_TEMPLATE and first.template_origin == "engine fallback"
+
+
+def test_hpsv3_never_takes_the_checkpoint_folder_for_the_qwen_base(tmp_path, monkeypatch):
+    """A hub repo's own config.json is not the Qwen2-VL base: like the official loader, HPSv3 loads the base named
+    by its config (Qwen/Qwen2-VL-7B-Instruct) unless ``base`` says otherwise."""
+    from streamt1_engine.rewards.models import HPSv3Reward
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, ckpt, _, _ = make_hpsv3(tmp_path)
+    for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        (ckpt / name).write_text((base / name).read_text())  # even a complete-looking folder is not the base
+    with pytest.raises(StreamT1Error, match="base files not found.*Qwen/Qwen2-VL-7B-Instruct"):
+        HPSv3Reward(str(ckpt), template="{prompt} <|Reward|>")
+    assert HPSv3Reward(str(ckpt), base=str(base), template="{prompt} <|Reward|>")(
+        uint8_frames(1, 1, 3, 8, 12), "x").shape == (1,)
 
 
 def test_hpsv3_resizes_batches_and_accepts_new_key_layout(tmp_path):

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..config import WanConfig
 from ..errors import StreamT1Error, require
 from ..hub import looks_local, resolve_model_dir
+from ..lora import lora_scale, merged_weight
 from .wan import CausalWanDiT
 
 FORMATS = ("auto", "streamt1", "diffusers", "wan", "self_forcing", "causvid", "longlive")
@@ -419,7 +420,8 @@ def read_lora(source: str | Path) -> tuple[LoraPairs, dict[str, float], float | 
 
 def merge_lora(state: dict[str, torch.Tensor], model: nn.Module, pairs: LoraPairs, alphas: dict[str, float],
                alpha: float | None, device=None) -> None:
-    """W += (alpha / rank) * B @ A in float32 for every target (in place on ``state``, moved to ``device``)."""
+    """W += (alpha / rank) * B @ A in float32 for every target (in place on ``state``, moved to ``device``), as peft
+    scales its adapters; ``alpha`` (the user's) wins over per-module alphas, which win over alpha = rank."""
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for target, (a, b) in pairs.items():
         module = target if target in linears else _diffusers_name(target + ".weight")[: -len(".weight")]
@@ -432,9 +434,7 @@ def merge_lora(state: dict[str, torch.Tensor], model: nn.Module, pairs: LoraPair
                 f"LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit its weight "
                 f"{tuple(weight.shape)}")
         module_alpha = alpha if alpha is not None else alphas.get(target, rank)
-        scale = float(module_alpha) / rank
-        merged = weight.to(device, torch.float32) + scale * (b.to(device, torch.float32) @ a.to(device, torch.float32))
-        state[key] = merged
+        state[key] = merged_weight(weight, a, b, lora_scale(module_alpha, rank), device=device)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -464,8 +464,9 @@ def load_dit(source, *, config: WanConfig | None = None, fmt: str = "auto", lora
     The config comes from ``config``, else the checkpoint's config file, else the tensor shapes.
     ``use_ema`` picks ``generator_ema`` over ``generator`` when a checkpoint has both (Self-Forcing's own
     inference uses the EMA weights; LongLive's and Stream-T1's configs load ``generator`` under their LoRA,
-    i.e. use_ema=False). ``lora`` is merged with scale ``lora_alpha / rank``; without ``lora_alpha`` the
-    file's alpha is used, else alpha = rank (LongLive trains with alpha == rank).
+    i.e. use_ema=False). ``lora`` is merged with scale ``lora_alpha / rank`` as peft applies it; without
+    ``lora_alpha`` the file's alpha is used, else alpha = rank. LongLive's LoRA files store no alpha: pass the
+    ``adapter.alpha`` of the config it was trained with when that differs from its rank.
     """
     path = _resolve_source(source)
     state, file_config, _ = read_checkpoint(path, fmt=fmt, use_ema=use_ema)

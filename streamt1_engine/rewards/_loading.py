@@ -52,12 +52,12 @@ class DeviceFollower:
         """Hook for parts that must keep their own dtype (e.g. an fp32 reward head)."""
 
 
-def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic, antialiased resize of [M, 3, H, W] on the device (close to PIL's bicubic), clamped to [0, 1]."""
+def resize(images: torch.Tensor, height: int, width: int, peak: float = 1.0) -> torch.Tensor:
+    """Bicubic, antialiased resize of [M, 3, H, W] on the device (PIL's bicubic filter), clamped to [0, peak]."""
     if tuple(images.shape[-2:]) == (height, width):
         return images
     out = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(0.0, peak)
 
 
 class Normalizer:

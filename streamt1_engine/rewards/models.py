@@ -1,23 +1,29 @@
 """The paper's model-based rewards: HPSv3 (image, short-term) and VideoAlign / VideoReward (video, long-term).
 
 Both are Qwen2-VL models with a small reward head read at special tokens of a chat prompt. The layouts follow
-the public checkpoints as documented (``MizzenAI/HPSv3``: a full Qwen2-VL-7B state dict plus a 3-layer MLP head
-giving (mu, sigma) at ``<|Reward|>``; ``KlingTeam/VideoReward``: Qwen2-VL-2B with LoRA (merged here at load
-time) and a bias-free linear head at ``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``). They are verified
-only on tiny random configs of the same architecture, not against the released weights.
+the public checkpoints and their official loaders (``MizzenAI/HPSv3``: a full Qwen2-VL-7B state dict plus a
+3-layer MLP head giving (mu, sigma) at ``<|Reward|>``, on the ``Qwen/Qwen2-VL-7B-Instruct`` base named by the
+hpsv3 package's config; ``KlingTeam/VideoReward``: Qwen2-VL-2B with LoRA (merged here at load time) and a
+bias-free linear head at ``<|VQ_reward|>``, ``<|MQ_reward|>``, ``<|TA_reward|>``, its base and LoRA settings
+in ``model_config.json``). They are verified only on tiny random configs of the same architecture, not against
+the released weights.
 
-Prompt templates: the checkpoints were trained with their authors' instruction texts. The defaults here are
-short templates of our own with the same reward tokens; pass the training-time text as ``template`` (with a
-``{prompt}`` placeholder) to reproduce the published scores exactly.
+What matches the official inference code: the prompt templates (read from the official sources, see
+``templates``), sequential rotary positions (see ``qwen2vl``), the resize rule and rounding to uint8 after it,
+HPSv3's mu averaged over the frames, VideoAlign's frame sampling, its "Overall" = VQ + MQ + TA of the
+normalised scores, and (by default) its input: an H.264 MP4 as Stream-T1 writes one, decoded again.
 """
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import StreamT1Error
+from ..lora import lora_scale, merged_weight
 from ._loading import locate, read_json
 from .base import ImageReward, check_frames
 from .qwen2vl import (
@@ -29,19 +35,18 @@ from .qwen2vl import (
     load_tokenizer,
     read_geometry,
 )
+from .templates import HPSV3_FALLBACK, VIDEOALIGN_FALLBACK, hpsv3_template, videoalign_template, warn_fallback
 
-HPSV3_TEMPLATE = (
-    "You are rating an AI-generated image for human preference. Consider its visual quality (plausible content, "
-    "clarity, detail, composition, colour) and how well it follows the text prompt; 0 is the worst, 10 the best.\n"
-    "Text prompt: {prompt}\n"
-    "Overall rating of this image: <|Reward|>")
-
-VIDEOALIGN_TEMPLATE = (
-    "You are rating an AI-generated video on three separate criteria, each from 0 (worst) to 10 (best).\n"
-    "Visual quality (clarity, detail, plausibility and aesthetics of the frames): <|VQ_reward|>\n"
-    "Motion quality (stable, natural, smooth and sufficiently large movement): <|MQ_reward|>\n"
-    "Text prompt: {prompt}\n"
-    "Alignment with the text prompt (subjects, actions, scene, style, camera): <|TA_reward|>")
+# The engine's own templates, used only when no official one is found (with a warning).
+HPSV3_TEMPLATE, VIDEOALIGN_TEMPLATE = HPSV3_FALLBACK, VIDEOALIGN_FALLBACK
+# Base model of the HPSv3 release (``model_name_or_path`` of the hpsv3 package's config/HPSv3_7B.yaml). The
+# release repository's own files are not a Qwen2-VL base: its official loader never reads them.
+HPSV3_BASE = "Qwen/Qwen2-VL-7B-Instruct"
+# VideoAlign's PEFTLoraConfig defaults, for a model_config.json that leaves them out.
+VIDEOALIGN_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "use_rslora": False}
+# Stream-T1 writes reward videos with torchvision.io.write_video at 16 fps: libx264, yuv420p, no options, so
+# PyAV's stream defaults of the version it pins (av 13.1) apply: 1024 kbit/s, tolerance 128 kbit/s.
+MP4_BIT_RATE, MP4_BIT_RATE_TOLERANCE = 1024000, 128000
 
 VIDEOALIGN_DIMS = ("VQ", "MQ", "TA")
 _VIDEOALIGN_TOKENS = ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
@@ -95,29 +100,47 @@ def _check_template(template: str, tokens: list[str], what: str) -> str:
     return template
 
 
+def _pick_template(template: str | None, found: tuple[str | None, str], fallback: str, tokens: list[str],
+                   what: str) -> tuple[str, str]:
+    """(template, origin): the caller's text, else the official one found, else the fallback (warned once)."""
+    if template is not None:
+        return _check_template(template, tokens, what), "given"
+    text, origin = found
+    if text is None:
+        warn_fallback(what, origin)
+        return _check_template(fallback, tokens, what), "engine fallback"
+    return _check_template(text, tokens, what), origin
+
+
 class HPSv3Reward(ImageReward):
     """HPSv3 human-preference score of each frame (its mu), averaged over frames; roughly 0 to 15, higher = better.
 
     ``checkpoint``: hub id or folder holding ``HPSv3.safetensors`` (or a path to that file); ``base``: the
     Qwen2-VL-7B-Instruct config/tokenizer/preprocessor files (no weights are read from it; the checkpoint holds
-    them all). A checkpoint folder that has its own ``config.json`` serves as its own base. Each frame is resized
-    on the device to HPSv3's fixed budget of ``pixels`` (256 * 28 * 28) keeping its aspect ratio.
+    them all), as the official loader takes them from its config's ``model_name_or_path``, never from the
+    checkpoint's folder. Each frame is resized on the device to HPSv3's fixed budget of ``pixels``
+    (256 * 28 * 28) keeping its aspect ratio, and rounded to uint8 levels (the official code resizes PIL images).
+
+    Prompt: ``template_source`` (the hpsv3 package or repository, its ``dataset/data_collator_qwen.py``, or a
+    text file), else the installed ``hpsv3`` package, else the engine's own text with a warning; ``template``
+    (a text with ``{prompt}``) overrides all. ``positions``: "sequential" as the official forward, or "mrope".
     """
 
     def __init__(self, checkpoint: str = "MizzenAI/HPSv3", base: str | None = None, template: str | None = None,
-                 pixels: int = 256 * 28 * 28, max_batch: int = 32, dtype: torch.dtype | None = None):
+                 template_source: str | None = None, pixels: int = 256 * 28 * 28, max_batch: int = 32,
+                 dtype: torch.dtype | None = None, positions: str = "sequential"):
         what = "HPSv3"
-        self.template = _check_template(template or HPSV3_TEMPLATE, ["<|Reward|>"], what)
-        located = locate(checkpoint, what + " weights", allow_patterns=["HPSv3.safetensors", "*.json"])
+        found = hpsv3_template(template_source) if template is None else (None, "")
+        self.template, self.template_origin = _pick_template(template, found, HPSV3_TEMPLATE, ["<|Reward|>"], what)
+        located = locate(checkpoint, what + " weights", allow_patterns=["HPSv3.safetensors"])
         weights = located if located.is_file() else _weights_in(located, ("HPSv3.safetensors",), what)
-        own_base = located.is_dir() and (located / "config.json").is_file() and base is None
-        base_dir = located if own_base else locate(base or "Qwen/Qwen2-VL-7B-Instruct",
-                                                   what + " base files", allow_patterns=BASE_FILES)
+        base_dir = locate(base or HPSV3_BASE, what + " base files", allow_patterns=BASE_FILES)
         config = _qwen_config(base_dir, what)
         backbone_weights, head_weights = backbone_state(_load_state(weights, what), what)
         self.scorer = Qwen2VLScorer(build_backbone(config, backbone_weights, what), build_head(head_weights, what),
                                     load_tokenizer(base_dir, None, ["<|Reward|>"], what),
-                                    read_geometry(base_dir, config, what), ["<|Reward|>"], dtype, what)
+                                    read_geometry(base_dir, config, what), ["<|Reward|>"], dtype, what,
+                                    positions=positions, head_in_float32=True)
         self.pixels, self.max_batch = pixels, max_batch
         self.name = f"hpsv3:{checkpoint}"
 
@@ -132,25 +155,80 @@ class HPSv3Reward(ImageReward):
         return torch.cat(scores)
 
 
-def _merge_lora(state: dict, scale: float | None, what: str) -> dict:
-    """Fold PEFT LoRA pairs into their base weights: ``W = W0 + scale * B @ A``; strip the PEFT prefixes."""
+def _merge_lora(state: dict, peft: dict | None, what: str) -> dict:
+    """Fold PEFT LoRA pairs into their base weights, ``W = W0 + scale * B @ A`` with peft's scale (the helper
+    the DiT loader uses too); strip the PEFT prefixes; a ``modules_to_save`` copy replaces its original."""
     state = {key.removeprefix("base_model.model."): value for key, value in state.items()}
     merged, lora = {}, {}
     for key, value in state.items():
         match = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
         if match:
             lora.setdefault(match.group(1), {})[match.group(2)] = value
-        else:
-            merged[key.replace(".base_layer.", ".")] = value
-    if lora and scale is None:
-        raise StreamT1Error(f"{what}: checkpoint has LoRA weights but no peft_lora_config (lora_r, lora_alpha)")
+        elif ".original_module." not in key:
+            merged[re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.replace(".base_layer.", "."))] = value
+    if lora and peft is None:
+        raise StreamT1Error(f"{what}: checkpoint has LoRA weights but model_config.json has no peft_lora_config")
     for module, pair in lora.items():
         base_key = module + ".weight"
         if set(pair) != {"A", "B"} or base_key not in merged:
             raise StreamT1Error(f"{what}: incomplete LoRA weights for {module}")
+        settings = {**VIDEOALIGN_LORA_DEFAULTS, **peft}
+        scale = lora_scale(settings["lora_alpha"], int(pair["A"].shape[0]), bool(settings["use_rslora"]))
+        if int(settings["lora_r"]) != pair["A"].shape[0]:
+            raise StreamT1Error(f"{what}: LoRA of {module} has rank {pair['A'].shape[0]}, peft_lora_config says "
+                                f"lora_r={settings['lora_r']}")
         base = merged[base_key]
-        merged[base_key] = (base.float() + scale * (pair["B"].float() @ pair["A"].float())).to(base.dtype)
+        merged[base_key] = merged_weight(base, pair["A"], pair["B"], scale).to(base.dtype)
     return merged
+
+
+def reward_mp4(frames: torch.Tensor, fps: float) -> bytes:
+    """float [T, 3, H, W] in [0, 1] -> MP4 bytes written as Stream-T1 writes its reward videos
+    (``torchvision.io.write_video``): 255 * frames truncated to uint8, libx264, yuv420p, integer fps, no codec
+    options, PyAV 13's default bit rate."""
+    import av
+
+    _, _, height, width = frames.shape
+    if height % 2 or width % 2:
+        raise StreamT1Error(f"VideoAlign: H.264 (yuv420p) needs even frame sizes, got {height}x{width}; "
+                            "pass mp4_round_trip=False")
+    if "libx264" not in av.codecs_available:
+        raise StreamT1Error("VideoAlign: this PyAV build has no libx264 encoder; pass mp4_round_trip=False")
+    pixels = (frames.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate, stream.bit_rate_tolerance = MP4_BIT_RATE, MP4_BIT_RATE_TOLERANCE
+        for image in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def read_mp4(data: bytes) -> torch.Tensor:
+    """MP4 bytes -> uint8 frames [T, 3, H, W] (RGB), every frame of the first video stream."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
+
+
+def mp4_round_trip(frames: torch.Tensor, fps: float) -> torch.Tensor:
+    """float [T, 3, H, W] in [0, 1] -> the uint8 frames [T, 3, H, W] that VideoAlign reads back from the MP4
+    upstream writes (on frames.device)."""
+    decoded = read_mp4(reward_mp4(frames, fps))
+    if decoded.shape[0] != frames.shape[0]:
+        raise StreamT1Error(f"VideoAlign: the MP4 round trip returned {decoded.shape[0]} frames for {frames.shape[0]}")
+    return decoded.to(frames.device)
+
+
+def _checkout_candidates(checkpoint_dir: Path) -> list[Path]:
+    """Folders that may hold a VideoAlign checkout: the checkpoint's folder and three levels above it."""
+    return [checkpoint_dir, *list(checkpoint_dir.resolve().parents)[:3]]
 
 
 def _latest_checkpoint(root: Path, what: str) -> Path:
@@ -166,21 +244,32 @@ class VideoAlignReward:
     """VideoAlign (VideoReward) score of a clip: the sum of its VQ / MQ / TA scores ("Overall").
 
     ``checkpoint``: hub id or folder of the release (``model_config.json`` + ``checkpoint-N/model.pth``), or the
-    weight file itself. ``normalize``: True uses the mean/std of ``inference_config`` in ``model_config.json``
-    (then the scores are roughly zero-mean, unit-std per dimension), False gives raw head outputs, a dict
-    ``{"VQ_mean": .., "VQ_std": .., ...}`` supplies them. ``dims`` picks which dimensions are summed.
-    Frames are taken at ``sample_fps`` (the release's 2 fps) from a clip assumed to play at ``source_fps``,
-    in an even count of at least 4 (repeating frames of very short clips), and resized within the pixel budget.
+    weight file itself; its ``model_config.json`` names the base model and the LoRA settings, as for the official
+    loader. ``normalize``: True uses the mean/std of ``inference_config`` in ``model_config.json`` (the official
+    ``use_norm=True``, which Stream-T1 uses for the long-term and the final scores), False gives raw head outputs,
+    a dict ``{"VQ_mean": .., "VQ_std": .., ...}`` supplies them. ``dims`` picks which dimensions are summed.
+
+    Input: with ``mp4_round_trip`` (default, as upstream scores the MP4 file it wrote) each clip is truncated to
+    uint8 and goes through an in-memory H.264 encode/decode first (CPU, PyAV); False scores the frames as given.
+    Frames are taken at ``sample_fps`` (the release's 2 fps) from a clip playing at ``source_fps`` (Stream-T1
+    writes 16 fps), in an even count of at least 4 (repeating frames of very short clips), resized within the
+    pixel budget and rounded to uint8 levels, as VideoAlign's reader does.
+
+    Prompt: ``template_source`` (a VideoAlign checkout, its ``prompt_template.py``, or a text file), else a
+    checkout found next to the checkpoint (``VideoAlign/checkpoints/...`` as its README sets it up, or
+    ``.../VideoAlign`` beside the checkpoint's folders as Stream-T1's does), else the engine's own text with a
+    warning; ``template`` (a text with ``{prompt}``) overrides all. ``positions``: "sequential" as the
+    official forward, or "mrope".
     """
 
     kind = "video"
 
     def __init__(self, checkpoint: str = "KlingTeam/VideoReward", base: str | None = None,
                  normalize: bool | dict = True, dims: tuple[str, ...] = VIDEOALIGN_DIMS, template: str | None = None,
-                 source_fps: float = 16.0, sample_fps: float | None = None, min_pixels: int = 128 * 28 * 28,
-                 max_pixels: int | None = None, max_batch: int = 4, dtype: torch.dtype | None = None):
+                 template_source: str | None = None, source_fps: float = 16.0, sample_fps: float | None = None,
+                 min_pixels: int = 128 * 28 * 28, max_pixels: int | None = None, max_batch: int = 4,
+                 dtype: torch.dtype | None = None, positions: str = "sequential", mp4_round_trip: bool = True):
         what = "VideoAlign"
-        self.template = _check_template(template or VIDEOALIGN_TEMPLATE, _VIDEOALIGN_TOKENS, what)
         if not dims or any(d not in VIDEOALIGN_DIMS for d in dims):
             raise StreamT1Error(f"{what}: dims must be a non-empty subset of {VIDEOALIGN_DIMS}, got {dims}")
         located = locate(checkpoint, what + " weights",
@@ -189,21 +278,22 @@ class VideoAlignReward:
         search = [located] if located.is_dir() else [located.parent, located.parent.parent]
         settings_file = next((d / "model_config.json" for d in search if (d / "model_config.json").is_file()), None)
         settings = read_json(settings_file, what) if settings_file else {}
-        weights = located if located.is_file() else _latest_checkpoint(located, what)
         model_cfg, data_cfg = settings.get("model_config", {}), settings.get("data_config", {})
-        peft = settings.get("peft_lora_config", {})
+        found = (None, "") if template is not None else videoalign_template(
+            template_source, data_cfg.get("prompt_template_type", "detailed_special"),
+            _checkout_candidates(settings_file.parent if settings_file else search[0]))
+        self.template, self.template_origin = _pick_template(template, found, VIDEOALIGN_TEMPLATE,
+                                                             _VIDEOALIGN_TOKENS, what)
+        weights = located if located.is_file() else _latest_checkpoint(located, what)
         base_id = base or model_cfg.get("model_name_or_path") or "Qwen/Qwen2-VL-2B-Instruct"
         base_dir = locate(base_id, what + " base files", allow_patterns=BASE_FILES)
         config = _qwen_config(base_dir, what)
-        scale = None
-        if peft.get("lora_r") and peft.get("lora_alpha"):
-            r = float(peft["lora_r"])
-            scale = float(peft["lora_alpha"]) / (r ** 0.5 if peft.get("use_rslora") else r)
-        state = _merge_lora(_load_state(weights, what), scale, what)
+        state = _merge_lora(_load_state(weights, what), settings.get("peft_lora_config"), what)
         backbone_weights, head_weights = backbone_state(state, what)
         self.scorer = Qwen2VLScorer(build_backbone(config, backbone_weights, what), build_head(head_weights, what),
                                     load_tokenizer(base_dir, weights.parent / "tokenizer", _VIDEOALIGN_TOKENS, what),
-                                    read_geometry(base_dir, config, what), _VIDEOALIGN_TOKENS, dtype, what)
+                                    read_geometry(base_dir, config, what), _VIDEOALIGN_TOKENS, dtype, what,
+                                    positions=positions, head_in_float32=False)
         self.stats = self._stats(normalize, settings.get("inference_config"), what)
         self.dims = tuple(dims)
         self.source_fps = float(source_fps)
@@ -211,6 +301,7 @@ class VideoAlignReward:
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels or data_cfg.get("max_frame_pixels") or 240 * 320)
         self.max_batch = max_batch
+        self.mp4_round_trip = bool(mp4_round_trip)
         self.name = f"videoalign:{checkpoint}"
         self._index_cache: dict = {}
         self._const_cache: dict = {}
@@ -234,12 +325,12 @@ class VideoAlignReward:
 
     def _frame_index(self, total: int, device) -> torch.Tensor:
         """Indices of the frames the model sees: ``sample_fps`` of a ``source_fps`` clip, an even count >= 4
-        (capped by the clip; clips shorter than one temporal patch repeat their frames)."""
+        (capped by the clip and at 768; clips shorter than one temporal patch repeat their frames)."""
         key = (total, device)
         if key not in self._index_cache:
             factor = self.scorer.geometry.temporal_patch_size
             wanted = round(total / self.source_fps * self.sample_fps / factor) * factor
-            count = factor if total < factor else min(max(wanted, 4), total // factor * factor)
+            count = factor if total < factor else min(max(wanted, 4), min(total, 768) // factor * factor)
             self._index_cache[key] = torch.linspace(0, total - 1, count).round().long().to(device)
         return self._index_cache[key]
 
@@ -254,6 +345,8 @@ class VideoAlignReward:
     def dimension_scores(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
         """Float32 [N, 3]: VQ, MQ, TA (normalised if configured)."""
         check_frames(frames, self.name)
+        if self.mp4_round_trip:
+            frames = torch.stack([mp4_round_trip(clip, self.source_fps) for clip in frames]).float().div_(255.0)
         frames = frames.index_select(1, self._frame_index(frames.shape[1], frames.device))
         text = self.template.replace("{prompt}", prompt)
         out = []

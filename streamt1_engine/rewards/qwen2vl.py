@@ -1,11 +1,19 @@
 """Qwen2-VL plumbing shared by the HPSv3 and VideoAlign rewards, done on the device with torch.
 
-Pixels: frames are resized to a multiple of ``patch_size * merge_size``, normalised and cut into the
-flattened patch layout the Qwen2-VL vision tower expects (``[patches, 3 * temporal_patch * patch * patch]``,
-patches ordered by time, merge-window row/column, then position inside the window). Text: the chat template
-is rendered and tokenised once per (prompt, grid) and cached with its 3-D rotary positions, so repeated calls
-only upload pixels. Weights: a checkpoint state dict is remapped onto ``Qwen2VLModel`` (old and new
-transformers key layouts) and assigned without a second copy.
+Pixels: frames are resized to a multiple of ``patch_size * merge_size`` and rounded to 8-bit levels (the
+official pipelines resize uint8 images and get uint8 back), normalised and cut into the flattened patch layout
+the Qwen2-VL vision tower expects (``[patches, 3 * temporal_patch * patch * patch]``, patches ordered by time,
+merge-window row/column, then position inside the window). Text: the chat template is rendered and tokenised
+once per (prompt, grid) and cached with its positions, so repeated calls only upload pixels.
+
+Positions: the official HPSv3 and VideoAlign forwards (written for transformers 4.45) call the language model
+with ``position_ids=None``, and that model then counts 0..L-1 on all three rotary axes: no 3-D M-RoPE, although
+Qwen2-VL itself would use it. The heads were trained that way, so ``positions="sequential"`` is the default;
+``"mrope"`` gives Qwen2-VL's own layout for reward models trained with it.
+
+Weights: a checkpoint state dict is remapped onto ``Qwen2VLModel`` (old and new transformers key layouts); the
+model is built with its parameters on the meta device and the checkpoint's tensors are assigned in their place,
+so the host never holds a second copy of the weights.
 """
 from __future__ import annotations
 
@@ -85,6 +93,15 @@ def patchify(clips: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
     return x.reshape(b * gt * gh * gw, c * tp * p * p)
 
 
+POSITIONS = ("sequential", "mrope")
+
+
+def sequential_positions(length: int) -> torch.Tensor:
+    """[3, length] positions 0..length-1 on every axis: what the language model computes for itself when called
+    with ``position_ids=None``, as the official reward forwards do."""
+    return torch.arange(length).expand(3, -1)
+
+
 def mrope_positions(length: int, vision_start: int, grid: tuple[int, int, int]) -> torch.Tensor:
     """3-D rotary positions [3, length] of a sequence with one vision block of ``t*h*w`` tokens (merged grid)
     at ``vision_start``: text counts up on all three axes; vision tokens take (frame, row, column) offsets from
@@ -98,6 +115,24 @@ def mrope_positions(length: int, vision_start: int, grid: tuple[int, int, int]) 
     after_len = length - vision_start - t * h * w
     after = torch.arange(after_len).expand(3, -1) + vision_start + max(t, h, w)
     return torch.cat([before, vision, after], dim=1)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device (no storage) while buffers stay real: the non-persistent ones (rotary
+    inverse frequencies) are computed from the config in ``__init__`` and are not in any checkpoint."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 @contextlib.contextmanager
@@ -149,7 +184,8 @@ def _check_transformers(what: str) -> None:
 
 
 def build_backbone(config, weights: dict, what: str) -> nn.Module:
-    """``Qwen2VLModel`` with exactly the given weights (every parameter must be present, shapes must match)."""
+    """``Qwen2VLModel`` with exactly the given weights (every parameter must be present, shapes must match),
+    which become its parameters without a copy (built on the meta device, loaded with ``assign=True``)."""
     _check_transformers(what)
     from transformers import Qwen2VLModel
 
@@ -162,7 +198,7 @@ def build_backbone(config, weights: dict, what: str) -> nn.Module:
     default = torch.get_default_dtype()
     torch.set_default_dtype(embed.dtype if embed.is_floating_point() else default)
     try:
-        with _skip_init():
+        with _skip_init(), _parameters_on_meta():
             model = Qwen2VLModel(config)
     finally:
         torch.set_default_dtype(default)
@@ -177,6 +213,9 @@ def build_backbone(config, weights: dict, what: str) -> nn.Module:
             raise StreamT1Error(f"{what}: {key} has shape {tuple(value.shape)}, the config needs "
                                 f"{tuple(expected[key].shape)}")
     model.load_state_dict(weights, strict=True, assign=True)
+    left_on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise StreamT1Error(f"{what}: model tensors not covered by the checkpoint: {left_on_meta[:3]}")
     return model.eval().requires_grad_(False)
 
 
@@ -239,17 +278,24 @@ class PromptLayout:
     """The tokenised prompt of one (text, grid) pair, kept on the device between calls."""
 
     input_ids: torch.Tensor  # [L]
-    position_ids: torch.Tensor  # [3, L]
+    position_ids: torch.Tensor  # [3, L]: sequential, or M-RoPE
     reward_positions: torch.Tensor  # [K]
 
 
 class Qwen2VLScorer(DeviceFollower):
-    """A Qwen2-VL backbone plus reward head, reading the head's input at the reward tokens of the prompt."""
+    """A Qwen2-VL backbone plus reward head, reading the head's input at the reward tokens of the prompt.
+
+    ``positions``: "sequential" (the official reward forwards) or "mrope" (Qwen2-VL's 3-D layout).
+    ``head_in_float32``: HPSv3 keeps its head in float32; VideoAlign's runs in the model's dtype.
+    """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, tokenizer, geometry: VisionGeometry,
-                 reward_tokens: list[str], dtype: torch.dtype | None, what: str):
+                 reward_tokens: list[str], dtype: torch.dtype | None, what: str, positions: str = "sequential",
+                 head_in_float32: bool = True):
+        if positions not in POSITIONS:
+            raise StreamT1Error(f"{what}: positions must be one of {POSITIONS}, got {positions!r}")
         self.module, self.head, self.tokenizer, self.geometry = backbone, head, tokenizer, geometry
-        self.dtype, self.what = dtype, what
+        self.dtype, self.what, self.positions, self.head_in_float32 = dtype, what, positions, head_in_float32
         config = backbone.config
         self.reward_ids = tokenizer.convert_tokens_to_ids(reward_tokens)
         if any(i is None or i >= config.text_config.vocab_size for i in self.reward_ids):
@@ -261,7 +307,7 @@ class Qwen2VLScorer(DeviceFollower):
         self._grids: dict = {}
 
     def on_moved(self, device, dtype):
-        self.head.to(device=device, dtype=torch.float32)
+        self.head.to(device=device, dtype=torch.float32 if self.head_in_float32 else dtype)
         self._layouts.clear()
         self._grids.clear()
 
@@ -289,8 +335,9 @@ class Qwen2VLScorer(DeviceFollower):
                 raise StreamT1Error(f"{self.what}: the prompt template must contain reward token "
                                     f"{self.tokenizer.convert_ids_to_tokens(token_id)} exactly once")
             positions.append(ids.index(token_id))
-        layout = PromptLayout(torch.tensor(ids, device=device), mrope_positions(len(ids), start, merged).to(device),
-                              torch.tensor(positions, device=device))
+        rope = sequential_positions(len(ids)) if self.positions == "sequential" else mrope_positions(
+            len(ids), start, merged)
+        layout = PromptLayout(torch.tensor(ids, device=device), rope.to(device), torch.tensor(positions, device=device))
         self._layouts[key] = layout
         return layout
 
@@ -317,13 +364,14 @@ class Qwen2VLScorer(DeviceFollower):
                              position_ids=layout.position_ids[:, None, :].expand(3, b, length),
                              **{pixel_key: pixels.to(dtype), grid_key: self._grid(grid, b, clips.device)},
                              use_cache=False).last_hidden_state
-        picked = hidden[:, layout.reward_positions].float()  # [B, K, D]
-        return self.head(picked)
+        picked = hidden[:, layout.reward_positions]  # [B, K, D]
+        return self.head(picked.to(next(self.head.parameters()).dtype)).float()
 
     def resize_clips(self, clips: torch.Tensor, min_pixels: int | None = None,
                      max_pixels: int | None = None) -> torch.Tensor:
-        """[B, T, 3, H, W] -> the same at the Qwen2-VL size for this pixel budget."""
+        """[B, T, 3, H, W] in [0, 1] -> the same at the Qwen2-VL size for this pixel budget, rounded to the 256
+        levels of uint8 after the resize, as the official pipelines (PIL / torchvision on uint8) return them."""
         b, t = clips.shape[:2]
         h, w = self.geometry.size_for(clips.shape[-2], clips.shape[-1], min_pixels, max_pixels)
-        out = resize(clips.flatten(0, 1).float(), h, w)
+        out = resize(clips.flatten(0, 1).float() * 255.0, h, w, peak=255.0).round_().div_(255.0)
         return out.reshape(b, t, 3, h, w)
