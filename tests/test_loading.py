@@ -334,3 +334,56 @@ def test_missing_local_path(tmp_path):
         load_dit(str(tmp_path / "nothing" / "here"))
     with pytest.raises(StreamT1Error, match="no such file or directory"):
         resolve_model_dir("./no/such/model.pt")
+
+
+def test_lora_scale_is_alpha_over_rank_as_peft():
+    from streamt1_engine.lora import lora_scale
+
+    assert lora_scale(None, 128) == 1.0  # LongLive: alpha = rank when its config gives none
+    assert lora_scale(256, 128) == 2.0 and lora_scale(64.0, 128) == 0.5
+    assert lora_scale(32, 16, rslora=True) == pytest.approx(32 / 4)  # rsLoRA: alpha / sqrt(rank)
+    for bad in (0, -1.0, float("nan"), "8"):
+        with pytest.raises(StreamT1Error, match="alpha"):
+            lora_scale(bad, 4)
+
+
+def longlive_lora_file(path, model: CausalWanDiT, targets, rank: int, seed: int = 3) -> dict:
+    """A LongLive LoRA file (``generator_lora`` peft state dict, no alpha stored) for ``targets`` of ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, peft_sd = {}, {}
+    for target in targets:
+        out_features, in_features = model.get_submodule(target).weight.shape
+        a, b = torch.randn(rank, in_features, generator=gen) * 0.1, torch.randn(out_features, rank, generator=gen) * 0.1
+        factors[target] = (a, b)
+        peft_sd[f"base_model.model.{target}.lora_A.weight"] = a
+        peft_sd[f"base_model.model.{target}.lora_B.weight"] = b
+    torch.save({"generator_lora": peft_sd, "critic_lora": {}, "step": 10}, path)
+    return factors
+
+
+def test_from_pretrained_and_cli_pass_lora_alpha_to_the_merge(tmp_path, monkeypatch):
+    """A LoRA trained with alpha != rank: merged weight = W + (alpha / rank) * B @ A, through the public API; the
+    CLI's --lora-alpha reaches from_pretrained."""
+    from streamt1_engine import StreamT1Engine, cli
+
+    base = StreamT1Engine.from_pretrained("tiny").model
+    targets = ["blocks.0.ffn.0", "blocks.1.self_attn.q"]
+    lora_path = tmp_path / "lora.pt"
+    factors = longlive_lora_file(lora_path, base, targets, rank=4)
+    merged = StreamT1Engine.from_pretrained("tiny", lora=str(lora_path), lora_alpha=12).model
+    for target, (a, b) in factors.items():
+        expected = base.get_submodule(target).weight + (12 / 4) * (b @ a)
+        torch.testing.assert_close(merged.get_submodule(target).weight, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged.get_submodule("blocks.0.ffn.2").weight, base.get_submodule("blocks.0.ffn.2").weight)
+
+    seen = {}
+
+    def fake_from_pretrained(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise StreamT1Error("stop here")
+
+    monkeypatch.setattr(StreamT1Engine, "from_pretrained", fake_from_pretrained)
+    args = ["generate", "a cat", "-o", str(tmp_path / "o.mp4"), "--lora", str(lora_path)]
+    assert cli.main(args + ["--lora-alpha", "256"]) == 2
+    assert seen["lora"] == str(lora_path) and seen["lora_alpha"] == 256.0
+    assert cli.main(args) == 2 and seen["lora_alpha"] is None  # default: the file's alpha, else the rank

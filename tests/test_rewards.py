@@ -720,18 +720,22 @@ def make_videoalign(tmp_path, seed=0):
     return root, reference, head
 
 
-def test_videoalign_merges_lora_and_matches_an_independent_forward(tmp_path):
+def test_videoalign_merges_lora_and_matches_the_official_forward(tmp_path):
+    """LoRA merged with peft's alpha / r, the official template, sequential positions, frames sampled at 2 fps:
+    the engine's VQ / MQ / TA equal the VideoAlign forward (language model called with position_ids=None)."""
     from streamt1_engine.rewards.models import VideoAlignReward
 
     root, reference, head = make_videoalign(tmp_path)
-    reward = VideoAlignReward(str(root), normalize=False, source_fps=4.0, min_pixels=16)
+    checkout = fake_videoalign_checkout(tmp_path / "VideoAlign")
+    reward = VideoAlignReward(str(root), normalize=False, source_fps=4.0, min_pixels=16, template_source=str(checkout),
+                              mp4_round_trip=False)
     assert reward.kind == "video" and reward.sample_fps == 2.0 and reward.max_pixels == 192
-    frames = torch.rand(2, 8, 3, 12, 16)  # 2 s at 4 fps -> 4 frames sampled at 2 fps
+    frames = uint8_frames(2, 8, 3, 12, 16)  # 2 s at 4 fps -> 4 frames sampled at 2 fps
     dims = reward.dimension_scores(frames, "a dog")
     assert dims.shape == (2, 3) and torch.isfinite(dims).all()
 
     tokenizer = reward.scorer.tokenizer
-    text = reward.template.replace("{prompt}", "a dog")
+    text = FAKE_VIDEOALIGN_PROMPT.format(text_prompt="a dog")  # build_prompt of "detailed_special"
     index = torch.linspace(0, 7, 4).round().long()
     assert torch.equal(reward._frame_index(8, frames.device), index)
     expected = []
@@ -743,8 +747,136 @@ def test_videoalign_merges_lora_and_matches_an_independent_forward(tmp_path):
         positions = torch.stack([(ids == tokenizer.convert_tokens_to_ids(t)).nonzero()[0, 0] for t in VA_TOKENS])
         expected.append(head(hidden[positions])[:, 0])
     expected = torch.stack(expected)
-    assert torch.allclose(dims, expected, atol=1e-4), (dims, expected)
-    assert torch.allclose(reward(frames, "a dog"), expected.sum(dim=1), atol=1e-4)
+    assert torch.allclose(dims, expected, atol=1e-5), (dims, expected)
+    assert torch.allclose(reward(frames, "a dog"), expected.sum(dim=1), atol=1e-5)  # "Overall" = VQ + MQ + TA
+
+
+def test_videoalign_finds_the_official_template_in_its_checkout(tmp_path, monkeypatch):
+    """Auto-found in a VideoAlign checkout around the checkpoint (VideoAlign/checkpoints/<release>, as its README
+    sets it up, or <dir>/VideoAlign beside <dir>/models/<release>, as Stream-T1's); or given as a checkout, its
+    prompt_template.py or a text file. The type comes from the checkpoint's data_config."""
+    from streamt1_engine.rewards.models import VideoAlignReward
+
+    expected = FAKE_VIDEOALIGN_PROMPT.format(text_prompt="{prompt}")
+    readme_layout = fake_videoalign_checkout(tmp_path / "a" / "VideoAlign")
+    root, _, _ = make_videoalign(readme_layout / "checkpoints")
+    stream_t1_root, _, _ = make_videoalign(tmp_path / "b" / "metrics" / "models")
+    fake_videoalign_checkout(tmp_path / "b" / "metrics" / "VideoAlign")
+    text_file = tmp_path / "va.txt"
+    text_file.write_text(FAKE_VIDEOALIGN_PROMPT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for built in (VideoAlignReward(str(root), min_pixels=16), VideoAlignReward(str(stream_t1_root), min_pixels=16),
+                      VideoAlignReward(str(root), min_pixels=16, template_source=str(readme_layout)),
+                      VideoAlignReward(str(root), min_pixels=16,
+                                       template_source=str(readme_layout / "prompt_template.py")),
+                      VideoAlignReward(str(root), min_pixels=16, template_source=str(text_file))):
+            assert built.template == expected
+    assert VideoAlignReward(str(root), min_pixels=16).template_origin == str(readme_layout / "prompt_template.py")
+    settings = json.loads((root / "model_config.json").read_text())
+    settings["data_config"]["prompt_template_type"] = "simple"
+    (root / "model_config.json").write_text(json.dumps(settings))
+    with pytest.raises(StreamT1Error, match="'simple' has no reward tokens"):
+        VideoAlignReward(str(root), min_pixels=16)
+
+
+def test_videoalign_scores_the_mp4_upstream_writes(tmp_path):
+    """By default the clip goes through an in-memory H.264 MP4 written as Stream-T1 writes its reward videos
+    (torchvision.io.write_video at 16 fps on PyAV 13: 255 * frames truncated, libx264, yuv420p, 1024 kbit/s)."""
+    import io
+
+    import av
+
+    from streamt1_engine.rewards.models import VideoAlignReward, mp4_round_trip, reward_mp4
+
+    t = torch.linspace(0, 1, 12).view(12, 1, 1, 1)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 48), indexing="ij")
+    smooth = torch.stack([0.2 + 0.6 * x + 0 * t[..., 0], 0.3 + 0.4 * y + 0.1 * t[..., 0], 0.5 + 0 * x + 0.3 * t[..., 0]],
+                         dim=1).clamp(0, 1)  # [12, 3, 32, 48], slowly changing colours
+    with av.open(io.BytesIO(reward_mp4(smooth, 16.0))) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+        assert stream.average_rate == 16 and stream.frames in (0, 12)
+    back = mp4_round_trip(smooth, 16.0)
+    assert back.dtype == torch.uint8 and back.shape == (12, 3, 32, 48)
+    assert (back.float() - smooth * 255).abs().mean() < 3.0  # lossy, but the same video
+    # 255 * frames truncated, as torch.as_tensor(255 * video, dtype=torch.uint8) in write_video
+    levels = (smooth * 255).floor()
+    assert reward_mp4((levels + 0.7) / 255, 16.0) == reward_mp4(levels / 255, 16.0)
+    assert reward_mp4((levels + 0.7) / 255, 16.0) != reward_mp4((levels + 1).clamp(max=255) / 255, 16.0)
+    with pytest.raises(StreamT1Error, match="even"):
+        mp4_round_trip(torch.rand(2, 3, 15, 16), 16.0)
+
+    root, _, _ = make_videoalign(tmp_path)
+    frames = uint8_frames(2, 8, 3, 12, 16, seed=5)
+    through_mp4 = VideoAlignReward(str(root), min_pixels=16, normalize=False, template="{prompt} " + " ".join(VA_TOKENS))
+    direct = VideoAlignReward(str(root), min_pixels=16, normalize=False, template="{prompt} " + " ".join(VA_TOKENS),
+                              mp4_round_trip=False)
+    assert through_mp4.mp4_round_trip and not direct.mp4_round_trip
+    decoded = torch.stack([mp4_round_trip(clip, 16.0) for clip in frames]).float() / 255
+    assert torch.allclose(through_mp4(frames, "a cat"), direct(decoded, "a cat"), atol=1e-5)
+    assert not torch.allclose(through_mp4(frames, "a cat"), direct(frames, "a cat"), atol=1e-4)
+
+
+def test_pixels_are_rounded_to_uint8_after_the_resize():
+    """VideoAlign's reader resizes uint8 frames with torchvision (float bicubic antialias, clamp, round back to
+    uint8); HPSv3's resizes PIL images (uint8 out). The engine's resized pixels are those uint8 levels."""
+    from PIL import Image
+
+    from streamt1_engine.rewards.qwen2vl import Qwen2VLScorer
+
+    frames = uint8_frames(1, 2, 3, 30, 46, seed=9)
+    scorer = Qwen2VLScorer.__new__(Qwen2VLScorer)
+    scorer.geometry = GEOMETRY
+    ours = scorer.resize_clips(frames, 96, 96)
+    h, w = GEOMETRY.size_for(30, 46, 96, 96)
+    assert ours.shape == (1, 2, 3, h, w) and (h, w) != (30, 46)
+    levels = ours * 255
+    assert torch.equal(levels, levels.round())  # on the uint8 grid
+    torchvision_way = F.interpolate((frames[0] * 255).round(), size=(h, w), mode="bicubic", align_corners=False,
+                                    antialias=True).clamp(0, 255).round()
+    assert torch.equal(levels[0], torchvision_way)
+    unrounded = F.interpolate(frames[0], size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    assert not torch.allclose(ours[0], unrounded.clamp(0, 1), atol=1e-4)
+    for frame, resized in zip(frames[0], levels[0]):
+        pil = Image.fromarray((frame * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).resize((w, h),
+                                                                                                   Image.BICUBIC)
+        pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+        assert (pil - resized).abs().max() <= 1  # PIL's fixed-point bicubic, same filter
+
+
+def test_backbone_is_built_on_meta_and_takes_the_checkpoint_tensors(tmp_path, monkeypatch):
+    """No second copy of the weights: the model's parameters are created without storage and become the
+    checkpoint's own tensors (assign=True); the rotary buffers, not in any checkpoint, are real and correct."""
+    from transformers import Qwen2VLModel
+
+    from streamt1_engine.rewards.qwen2vl import backbone_state, build_backbone
+
+    reference = random_qwen(41, seed=2)
+    state = {k: v.clone() for k, v in old_layout(reference).items()}
+    state["rm_head.weight"] = torch.zeros(1, 32)
+    weights, _ = backbone_state(state, "test")
+    built_on = []
+    original_init = Qwen2VLModel.__init__
+
+    def spy_init(self, config):
+        original_init(self, config)
+        built_on.extend({p.device.type for p in self.parameters()})
+
+    monkeypatch.setattr(Qwen2VLModel, "__init__", spy_init)
+    model = build_backbone(qwen_config(41), weights, "test")
+    assert built_on == ["meta"]
+    params = dict(model.named_parameters())
+    assert set(params) == set(weights)
+    assert all(params[k].data_ptr() == weights[k].data_ptr() for k in weights)  # assigned, not copied
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], buffer), name
+    ids = torch.tensor([[9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state)
+    with pytest.raises(StreamT1Error, match="missing"):
+        build_backbone(qwen_config(41), {k: v for k, v in weights.items() if "norm" not in k}, "test")
 
 
 def test_videoalign_normalisation_dims_and_short_clips(tmp_path):
