@@ -119,7 +119,7 @@ class HPSv3Reward(ImageReward):
     Qwen2-VL-7B-Instruct config/tokenizer/preprocessor files (no weights are read from it; the checkpoint holds
     them all), as the official loader takes them from its config's ``model_name_or_path``, never from the
     checkpoint's folder. Each frame is resized on the device to HPSv3's fixed budget of ``pixels``
-    (256 * 28 * 28) keeping its aspect ratio, and rounded to uint8 levels (the official code resizes PIL images).
+    (256 * 28 * 28) keeping its aspect ratio, bit for bit as PIL resizes the PNG frames in the official code.
 
     Prompt: ``template_source`` (the hpsv3 package or repository, its ``dataset/data_collator_qwen.py``, or a
     text file), else the installed ``hpsv3`` package, else the engine's own text with a warning; ``template``
@@ -140,7 +140,7 @@ class HPSv3Reward(ImageReward):
         self.scorer = Qwen2VLScorer(build_backbone(config, backbone_weights, what), build_head(head_weights, what),
                                     load_tokenizer(base_dir, None, ["<|Reward|>"], what),
                                     read_geometry(base_dir, config, what), ["<|Reward|>"], dtype, what,
-                                    positions=positions, head_in_float32=True)
+                                    positions=positions, head_in_float32=True, resize_filter="pil")
         self.pixels, self.max_batch = pixels, max_batch
         self.name = f"hpsv3:{checkpoint}"
 
@@ -293,7 +293,7 @@ class VideoAlignReward:
         self.scorer = Qwen2VLScorer(build_backbone(config, backbone_weights, what), build_head(head_weights, what),
                                     load_tokenizer(base_dir, weights.parent / "tokenizer", _VIDEOALIGN_TOKENS, what),
                                     read_geometry(base_dir, config, what), _VIDEOALIGN_TOKENS, dtype, what,
-                                    positions=positions, head_in_float32=False)
+                                    positions=positions, head_in_float32=False, resize_filter="torchvision")
         self.stats = self._stats(normalize, settings.get("inference_config"), what)
         self.dims = tuple(dims)
         self.source_fps = float(source_fps)

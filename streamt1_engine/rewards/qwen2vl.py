@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamT1Error
-from ._loading import DeviceFollower, Normalizer, read_json, resize
+from ._loading import DeviceFollower, Normalizer, pil_resize_levels, read_json, torchvision_resize_levels
 
 # Files of a Qwen2-VL base repository needed for config, tokenizer and preprocessing (no weights).
 BASE_FILES = ["*.json", "*.txt", "*.jinja", "tokenizer*"]
@@ -94,6 +94,8 @@ def patchify(clips: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
 
 
 POSITIONS = ("sequential", "mrope")
+# How the official pipelines resize: HPSv3 resizes PIL images, VideoAlign uint8 tensors with torchvision.
+RESIZE_FILTERS = {"pil": pil_resize_levels, "torchvision": torchvision_resize_levels}
 
 
 def sequential_positions(length: int) -> torch.Tensor:
@@ -287,13 +289,17 @@ class Qwen2VLScorer(DeviceFollower):
 
     ``positions``: "sequential" (the official reward forwards) or "mrope" (Qwen2-VL's 3-D layout).
     ``head_in_float32``: HPSv3 keeps its head in float32; VideoAlign's runs in the model's dtype.
+    ``resize_filter``: "pil" (HPSv3's PIL images) or "torchvision" (VideoAlign's uint8 video tensors).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, tokenizer, geometry: VisionGeometry,
                  reward_tokens: list[str], dtype: torch.dtype | None, what: str, positions: str = "sequential",
-                 head_in_float32: bool = True):
+                 head_in_float32: bool = True, resize_filter: str = "torchvision"):
         if positions not in POSITIONS:
             raise StreamT1Error(f"{what}: positions must be one of {POSITIONS}, got {positions!r}")
+        if resize_filter not in RESIZE_FILTERS:
+            raise StreamT1Error(f"{what}: resize_filter must be one of {sorted(RESIZE_FILTERS)}, got {resize_filter!r}")
+        self.resize_filter = resize_filter
         self.module, self.head, self.tokenizer, self.geometry = backbone, head, tokenizer, geometry
         self.dtype, self.what, self.positions, self.head_in_float32 = dtype, what, positions, head_in_float32
         config = backbone.config
@@ -369,9 +375,11 @@ class Qwen2VLScorer(DeviceFollower):
 
     def resize_clips(self, clips: torch.Tensor, min_pixels: int | None = None,
                      max_pixels: int | None = None) -> torch.Tensor:
-        """[B, T, 3, H, W] in [0, 1] -> the same at the Qwen2-VL size for this pixel budget, rounded to the 256
-        levels of uint8 after the resize, as the official pipelines (PIL / torchvision on uint8) return them."""
+        """[B, T, 3, H, W] in [0, 1] -> the same at the Qwen2-VL size for this pixel budget, on uint8 levels:
+        the frames are taken as uint8 images (rounded to the nearest level; frames the engine hands the rewards
+        are already on them) and resized as the official pipeline does (``resize_filter``), uint8 in, uint8 out."""
         b, t = clips.shape[:2]
         h, w = self.geometry.size_for(clips.shape[-2], clips.shape[-1], min_pixels, max_pixels)
-        out = resize(clips.flatten(0, 1).float() * 255.0, h, w, peak=255.0).round_().div_(255.0)
+        levels = clips.flatten(0, 1).float().clamp(0.0, 1.0).mul_(255.0).round_()
+        out = RESIZE_FILTERS[self.resize_filter](levels, h, w).div_(255.0)
         return out.reshape(b, t, 3, h, w)
