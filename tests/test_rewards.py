@@ -794,8 +794,8 @@ def test_videoalign_scores_the_mp4_upstream_writes(tmp_path):
 
     t = torch.linspace(0, 1, 12).view(12, 1, 1, 1)
     y, x = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 48), indexing="ij")
-    smooth = torch.stack([0.2 + 0.6 * x + 0 * t[..., 0], 0.3 + 0.4 * y + 0.1 * t[..., 0], 0.5 + 0 * x + 0.3 * t[..., 0]],
-                         dim=1).clamp(0, 1)  # [12, 3, 32, 48], slowly changing colours
+    smooth = torch.stack([0.2 + 0.6 * x + 0 * t[..., 0], 0.3 + 0.4 * y + 0.1 * t[..., 0],
+                          0.5 + 0 * x + 0.3 * t[..., 0]], dim=1).clamp(0, 1)  # [12, 3, 32, 48], slow colours
     with av.open(io.BytesIO(reward_mp4(smooth, 16.0))) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
@@ -812,9 +812,9 @@ def test_videoalign_scores_the_mp4_upstream_writes(tmp_path):
 
     root, _, _ = make_videoalign(tmp_path)
     frames = uint8_frames(2, 8, 3, 12, 16, seed=5)
-    through_mp4 = VideoAlignReward(str(root), min_pixels=16, normalize=False, template="{prompt} " + " ".join(VA_TOKENS))
-    direct = VideoAlignReward(str(root), min_pixels=16, normalize=False, template="{prompt} " + " ".join(VA_TOKENS),
-                              mp4_round_trip=False)
+    template = "{prompt} " + " ".join(VA_TOKENS)
+    through_mp4 = VideoAlignReward(str(root), min_pixels=16, normalize=False, template=template)
+    direct = VideoAlignReward(str(root), min_pixels=16, normalize=False, template=template, mp4_round_trip=False)
     assert through_mp4.mp4_round_trip and not direct.mp4_round_trip
     decoded = torch.stack([mp4_round_trip(clip, 16.0) for clip in frames]).float() / 255
     assert torch.allclose(through_mp4(frames, "a cat"), direct(decoded, "a cat"), atol=1e-5)
@@ -847,6 +847,9 @@ def test_pixels_are_resized_on_uint8_as_the_official_readers_do(size):
         image = Image.fromarray((frame * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
         pil = torch.from_numpy(np.array(image.resize((w, h), Image.BICUBIC))).permute(2, 0, 1).float()
         assert torch.allclose(ours, pil, atol=1e-3)  # bit for bit
+    # frames off the uint8 levels become uint8 images as the official code casts them: 255 * frames truncated
+    between = scorer.resize_clips(frames + 0.7 / 255, 96, 96)[0] * 255
+    assert torch.allclose(between, resized["pil"], atol=1e-3)
 
 
 def test_backbone_is_built_on_meta_and_takes_the_checkpoint_tensors(tmp_path, monkeypatch):

@@ -9,9 +9,11 @@ in ``model_config.json``). They are verified only on tiny random configs of the 
 the released weights.
 
 What matches the official inference code: the prompt templates (read from the official sources, see
-``templates``), sequential rotary positions (see ``qwen2vl``), the resize rule and rounding to uint8 after it,
-HPSv3's mu averaged over the frames, VideoAlign's frame sampling, its "Overall" = VQ + MQ + TA of the
-normalised scores, and (by default) its input: an H.264 MP4 as Stream-T1 writes one, decoded again.
+``templates``), sequential rotary positions (see ``qwen2vl``), the resize rule, uint8 frames resized as PIL
+(HPSv3) or torchvision (VideoAlign) resize them, HPSv3's mu averaged over the frames, VideoAlign's frame
+sampling, its "Overall" = VQ + MQ + TA of the normalised scores, and (by default) its input: an H.264 MP4 as
+Stream-T1 writes one, decoded again. Not reproduced: flash-attention kernels (the engine uses transformers'
+default attention), so bf16 scores agree to bf16 rounding, not bit for bit.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Qwen2-VL plumbing shared by the HPSv3 and VideoAlign rewards, done on the device with torch.
 
-Pixels: frames are resized to a multiple of ``patch_size * merge_size`` and rounded to 8-bit levels (the
-official pipelines resize uint8 images and get uint8 back), normalised and cut into the flattened patch layout
-the Qwen2-VL vision tower expects (``[patches, 3 * temporal_patch * patch * patch]``, patches ordered by time,
+Pixels: frames become uint8 images as the official code makes them (``255 * frames`` truncated), are resized to
+a multiple of ``patch_size * merge_size`` as its pipelines resize uint8 images (PIL for HPSv3, torchvision for
+VideoAlign; uint8 in, uint8 out), normalised and cut into the flattened patch layout the Qwen2-VL vision tower
+expects (``[patches, 3 * temporal_patch * patch * patch]``, patches ordered by time,
 merge-window row/column, then position inside the window). Text: the chat template is rendered and tokenised
 once per (prompt, grid) and cached with its positions, so repeated calls only upload pixels.
 
@@ -376,10 +377,10 @@ class Qwen2VLScorer(DeviceFollower):
     def resize_clips(self, clips: torch.Tensor, min_pixels: int | None = None,
                      max_pixels: int | None = None) -> torch.Tensor:
         """[B, T, 3, H, W] in [0, 1] -> the same at the Qwen2-VL size for this pixel budget, on uint8 levels:
-        the frames are taken as uint8 images (rounded to the nearest level; frames the engine hands the rewards
-        are already on them) and resized as the official pipeline does (``resize_filter``), uint8 in, uint8 out."""
+        the frames become uint8 images as the official code makes them (``255 * frames`` truncated, which leaves
+        frames already on the levels unchanged) and are resized as its pipeline does (``resize_filter``)."""
         b, t = clips.shape[:2]
         h, w = self.geometry.size_for(clips.shape[-2], clips.shape[-1], min_pixels, max_pixels)
-        levels = clips.flatten(0, 1).float().clamp(0.0, 1.0).mul_(255.0).round_()
+        levels = clips.flatten(0, 1).float().clamp(0.0, 1.0).mul_(255.0).floor_()
         out = RESIZE_FILTERS[self.resize_filter](levels, h, w).div_(255.0)
         return out.reshape(b, t, 3, h, w)
