@@ -994,3 +994,27 @@ def test_model_rewards_build_from_specs(tmp_path):
     assert va.kind == "video" and va(torch.rand(2, 4, 3, 12, 16), "a dog").shape == (2,)
     assert math.isfinite(float(hybrid_score(hps(torch.rand(1, 2, 3, 8, 12), "x")[0], va(torch.rand(1, 4, 3, 12, 16),
                                                                                          "x")[0], 0.3)))
+
+
+def test_videoalign_frame_sampling_follows_its_reader():
+    """smart_nframes of VideoAlign's vision_process at Stream-T1's 16 fps and the release's 2 fps: an even count,
+    at least 4, capped by the clip and at 768; num_frames instead when the checkpoint sets it; multi_pts: 6
+    frames of an 8 fps resampling around 4 evenly spaced points."""
+    from streamt1_engine.rewards.models import videoalign_frame_indices
+
+    def spread(total, count):
+        return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+    assert videoalign_frame_indices(117, 16.0, 2.0) == spread(117, 14)  # 14.6 frames -> 14
+    assert videoalign_frame_indices(9, 16.0, 2.0) == spread(9, 4)  # 1.1 frames -> at least 4
+    assert videoalign_frame_indices(40, 16.0, 2.0) == spread(40, 4)  # 5 frames: round(5 / 2) * 2, half to even
+    assert videoalign_frame_indices(3, 16.0, 2.0) == [0, 2]  # capped by the clip, even
+    assert videoalign_frame_indices(1, 16.0, 2.0) == [0, 0]  # repeated (upstream rejects a 1-frame clip)
+    assert len(videoalign_frame_indices(20000, 16.0, 2.0)) == 768
+    assert videoalign_frame_indices(117, 16.0, 2.0, num_frames=9) == spread(117, 8)  # round(9 / 2) * 2 = 8
+    resampled = spread(117, 58)  # int(117 * 8 // 16) = 58 frames at 8 fps
+    points = [3, 20, 37, 54]  # linspace(3, 54, 4)
+    assert videoalign_frame_indices(117, 16.0, 2.0, sample_type="multi_pts") == [
+        i for p in points for i in resampled[p - 3:p + 3]]
+    with pytest.raises(StreamT1Error, match="sample_type"):
+        videoalign_frame_indices(117, 16.0, 2.0, sample_type="random")

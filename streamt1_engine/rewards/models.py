@@ -18,6 +18,7 @@ default attention), so bf16 scores agree to bf16 rounding, not bit for bit.
 from __future__ import annotations
 
 import io
+import math
 import re
 from pathlib import Path
 
@@ -228,6 +229,35 @@ def mp4_round_trip(frames: torch.Tensor, fps: float) -> torch.Tensor:
     return decoded.to(frames.device)
 
 
+def videoalign_frame_indices(total: int, source_fps: float, sample_fps: float, num_frames: float | None = None,
+                             sample_type: str = "uniform", factor: int = 2) -> list[int]:
+    """Which of a clip's ``total`` frames VideoAlign's reader keeps (its ``smart_nframes`` and sample types).
+
+    "uniform": ``num_frames`` if the checkpoint's data_config sets it, else ``sample_fps`` of a ``source_fps``
+    clip, at least 4 and at most 768, rounded to an even count, capped by the clip, spread evenly; a clip shorter
+    than one temporal patch repeats its frames (upstream rejects it). "multi_pts": 6 consecutive frames of an
+    8 fps resampling around each of 4 evenly spaced points.
+    """
+    if sample_type == "multi_pts":
+        count = int(total * 8 // source_fps)
+        if count < 6 + 1:
+            raise StreamT1Error(f"VideoAlign: a {total}-frame clip is too short for multi_pts sampling")
+        resampled = torch.linspace(0, total - 1, count).round().long().tolist()
+        points = torch.linspace(3, count - 3 - 1, 4).round().long().tolist()
+        return [i for point in points for i in resampled[point - 3:point + 3]]
+    if sample_type != "uniform":
+        raise StreamT1Error(f"VideoAlign: unknown sample_type {sample_type!r} (uniform or multi_pts)")
+    if num_frames is not None:
+        count = round(float(num_frames) / factor) * factor
+    else:
+        low, high = math.ceil(4 / factor) * factor, math.floor(min(768, total) / factor) * factor
+        count = round(min(max(total / source_fps * sample_fps, low), high) / factor) * factor
+    count = min(count, total) // factor * factor
+    if count < factor:
+        count = factor
+    return torch.linspace(0, total - 1, count).round().long().tolist()
+
+
 def _checkout_candidates(checkpoint_dir: Path) -> list[Path]:
     """Folders that may hold a VideoAlign checkout: the checkpoint's folder and three levels above it."""
     return [checkpoint_dir, *list(checkpoint_dir.resolve().parents)[:3]]
@@ -253,9 +283,9 @@ class VideoAlignReward:
 
     Input: with ``mp4_round_trip`` (default, as upstream scores the MP4 file it wrote) each clip is truncated to
     uint8 and goes through an in-memory H.264 encode/decode first (CPU, PyAV); False scores the frames as given.
-    Frames are taken at ``sample_fps`` (the release's 2 fps) from a clip playing at ``source_fps`` (Stream-T1
-    writes 16 fps), in an even count of at least 4 (repeating frames of very short clips), resized within the
-    pixel budget and rounded to uint8 levels, as VideoAlign's reader does.
+    Frames are picked as VideoAlign's reader picks them (``videoalign_frame_indices``: the checkpoint's
+    ``fps`` / ``num_frames`` / ``sample_type``; ``sample_fps`` overrides the fps) from a clip playing at
+    ``source_fps`` (Stream-T1 writes 16 fps), and resized within the pixel budget as its reader does.
 
     Prompt: ``template_source`` (a VideoAlign checkout, its ``prompt_template.py``, or a text file), else a
     checkout found next to the checkpoint (``VideoAlign/checkpoints/...`` as its README sets it up, or
@@ -300,6 +330,10 @@ class VideoAlignReward:
         self.dims = tuple(dims)
         self.source_fps = float(source_fps)
         self.sample_fps = float(sample_fps or data_cfg.get("fps") or 2.0)
+        self.num_frames = data_cfg.get("num_frames") if sample_fps is None else None
+        self.sample_type = data_cfg.get("sample_type", "uniform")
+        if self.sample_type not in ("uniform", "multi_pts"):
+            raise StreamT1Error(f"{what}: unknown data_config sample_type {self.sample_type!r} (uniform or multi_pts)")
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels or data_cfg.get("max_frame_pixels") or 240 * 320)
         self.max_batch = max_batch
@@ -326,14 +360,11 @@ class VideoAlignReward:
         return torch.tensor(mean), torch.tensor(std)
 
     def _frame_index(self, total: int, device) -> torch.Tensor:
-        """Indices of the frames the model sees: ``sample_fps`` of a ``source_fps`` clip, an even count >= 4
-        (capped by the clip and at 768; clips shorter than one temporal patch repeat their frames)."""
         key = (total, device)
         if key not in self._index_cache:
-            factor = self.scorer.geometry.temporal_patch_size
-            wanted = round(total / self.source_fps * self.sample_fps / factor) * factor
-            count = factor if total < factor else min(max(wanted, 4), min(total, 768) // factor * factor)
-            self._index_cache[key] = torch.linspace(0, total - 1, count).round().long().to(device)
+            index = videoalign_frame_indices(total, self.source_fps, self.sample_fps, self.num_frames,
+                                             self.sample_type, self.scorer.geometry.temporal_patch_size)
+            self._index_cache[key] = torch.tensor(index, device=device)
         return self._index_cache[key]
 
     def _constants(self, device) -> tuple:
