@@ -150,8 +150,8 @@ class StreamT1Engine:
     @classmethod
     def from_pretrained(cls, source: str | None = "tiny", *, device="cpu", dtype=None, attention_backend="auto",
                         text_encoder: str | None = None, vae: str | None = None, lora: str | None = None,
-                        lora_alpha: float | None = None, stream: StreamConfig | None = None,
-                        **kwargs) -> "StreamT1Engine":
+                        lora_alpha: float | None = None,
+                        stream: StreamConfig | None = None, **kwargs) -> "StreamT1Engine":
         """``source``: "tiny" (the embedded model), "random-tiny", an engine-format directory, a diffusers Wan
         pipeline directory, or a DiT checkpoint (Self-Forcing / CausVid / LongLive / Wan) together with
         ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id. ``lora_alpha``: the alpha the
