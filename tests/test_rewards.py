@@ -623,7 +623,7 @@ def test_hpsv3_never_takes_the_checkpoint_folder_for_the_qwen_base(tmp_path, mon
         (ckpt / name).write_text((base / name).read_text())  # even a complete-looking folder is not the base
     with pytest.raises(StreamT1Error, match="base files not found.*Qwen/Qwen2-VL-7B-Instruct"):
         HPSv3Reward(str(ckpt), template="{prompt} <|Reward|>")
-    assert HPSv3Reward(str(ckpt), base=str(base), template="{prompt} <|Reward|>")(
+    assert HPSv3Reward(str(ckpt), base=str(base), template="{prompt} <|Reward|>", pixels=96)(
         uint8_frames(1, 1, 3, 8, 12), "x").shape == (1,)
 
 
