@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cache import PagedKVCache
-from .config import EngineConfig, StreamConfig
+from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import StreamT1Error, require
@@ -151,18 +151,19 @@ class StreamT1Engine:
     def from_pretrained(cls, source: str | None = "tiny", *, device="cpu", dtype=None, attention_backend="auto",
                         text_encoder: str | None = None, vae: str | None = None, lora: str | None = None,
                         stream: StreamConfig | None = None, stream_preset: str | None = None,
-                        **kwargs) -> "StreamT1Engine":
+                        sampler: SamplerConfig | None = None, **kwargs) -> "StreamT1Engine":
         """``source``: "tiny" (the embedded model), "random-tiny", an engine-format directory, a diffusers Wan
         pipeline directory, or a DiT checkpoint (Self-Forcing / CausVid / LongLive / Wan) together with
         ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id. The attention layout
         comes from the checkpoint format (``loaders.checkpoint_stream_preset``); ``stream_preset``
-        ("self-forcing", "causvid", "longlive", "stream-t1") overrides it, an explicit ``stream`` wins."""
+        ("self-forcing", "causvid", "longlive", "stream-t1") overrides it, an explicit ``stream`` wins.
+        ``sampler`` replaces the model's few-step schedule (e.g. from ``upstream_config.load_upstream_config``)."""
         from . import loaders  # local import keeps the engine importable without optional parts
 
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
         parts = loaders.load_parts(source or "tiny", device=dev, dtype=dt, text_encoder=text_encoder, vae=vae,
-                                   lora=lora, stream=stream, stream_preset=stream_preset)
+                                   lora=lora, stream=stream, stream_preset=stream_preset, sampler=sampler)
         return cls(parts.model, parts.text_encoder, parts.vae, parts.config, device=dev, dtype=dt,
                    attention_backend=attention_backend, fps=parts.fps, name=parts.name,
                    default_rewards=parts.default_rewards, **kwargs)

@@ -85,7 +85,8 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
 
 
 def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None,
-               stream: StreamConfig | None = None, stream_preset: str | None = None) -> ModelParts:
+               stream: StreamConfig | None = None, stream_preset: str | None = None,
+               sampler: SamplerConfig | None = None) -> ModelParts:
     """``stream`` replaces the model's stream layout; else ``stream_preset`` (a ``StreamConfig.preset`` name)
     replaces its attention layout and keeps its latent size; else the model's own (engine format) or the one
     its checkpoint format implies (``checkpoint_stream_preset``)."""
@@ -111,8 +112,8 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         own = parts.config.stream
         stream = StreamConfig.preset(stream_preset, latent_height=own.latent_height, latent_width=own.latent_width,
                                      max_frames=own.max_frames)
-    if stream is not None:
-        parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
+    if stream is not None or sampler is not None:
+        parts.config = EngineConfig(parts.config.model, stream or parts.config.stream, sampler or parts.config.sampler)
     return parts
 
 
