@@ -301,7 +301,8 @@ class StreamT1Engine:
                 if info is not None:
                     info.update(
                         records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                        search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
+                        search=search.to_dict(), stream=stream_cfg.to_dict(), seed=seed, num_chunks=num_chunks,
+                        model=self.name,
                         device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                         attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
                         kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),

@@ -82,7 +82,11 @@ def test_yaml_gives_the_same_engine_config_as_the_flags(tmp_path, pipeline_dir, 
         assert getattr(from_yaml, key) == getattr(from_flags, key), key
     engines = [StreamT1Engine.from_pretrained(a.model, text_encoder=a.text_encoder, vae=a.vae, lora=a.lora,
                                               **stream_options(a)) for a in (from_yaml, from_flags)]
-    assert engines[0].config == engines[1].config
+    api = load_upstream_config(path)  # the API route: the same engine, and generate() gets chunks, seed, search
+    engines.append(StreamT1Engine.from_pretrained(**api.engine_kwargs(text_encoder=str(pipeline_dir),
+                                                                      vae=str(pipeline_dir))))
+    assert engines[0].config == engines[1].config == engines[2].config
+    assert api.generate_kwargs() == dict(num_chunks=10, seed=7, search=search_config(from_flags))
     assert engines[0].config.stream == StreamConfig.preset("stream-t1")
     for p, q in zip(engines[0].model.parameters(), engines[1].model.parameters()):
         assert (p == q).all()  # the same weights, LoRA merged alike
@@ -136,3 +140,24 @@ def test_self_forcing_yaml_is_plain_global_streaming(tmp_path):
     cfg = load_upstream_config(write(tmp_path, text))
     assert cfg.stream == StreamConfig.preset("self-forcing") and cfg.search.strategy == "none"
     assert cfg.num_chunks == 7 and cfg.checkpoint is None and cfg.lora is None
+
+
+def test_cli_generates_from_an_upstream_yaml(tmp_path, capsys):
+    import json
+
+    from streamt1_engine.cli import main
+
+    text = "denoising_step_list: [1000, 750, 500, 250]\nwarp_denoising_step: true\nnum_frame_per_block: 3\n" \
+           "model_kwargs: {local_attn_size: 12, sink_size: 3, max_sink_size: 15, timestep_shift: 5.0}\n" \
+           "num_output_frames: 6\nseed: 5\nbeam_size: 2\ntop_k: 1\nsliding_window_size: 2\n"
+    out = tmp_path / "v.mp4"
+    code = main(["generate", "a red circle", "-o", str(out), "--config", str(write(tmp_path, text)), "--model",
+                 "random-tiny", "--stream-preset", "longlive", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["seed"], record["num_chunks"]) == (5, 2)
+    assert (record["stream"]["local_attn_size"], record["stream"]["max_sink_size"]) == (12, 3)  # the flag won
+    assert (record["search"]["strategy"], record["search"]["beam_size"], record["search"]["top_k"],
+            record["search"]["window_chunks"]) == ("stream_t1", 2, 1, 2)
+    assert main(["generate", "x", "-o", str(out), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
