@@ -6,8 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import STREAM_PRESETS
 from .errors import StreamT1Error
-from .search.config import STRATEGIES, SearchConfig
+from .search.config import SHORT_HISTORIES, STRATEGIES, SearchConfig
 
 log = logging.getLogger("streamt1")
 
@@ -28,12 +29,15 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-noise-propagation", action="store_true", help="ablation: fresh noise per chunk")
     g.add_argument("--no-reward-pruning", action="store_true", help="ablation: random survivors")
     g.add_argument("--no-memory-sinking", action="store_true", help="ablation: fixed sink, evictions discarded")
+    g.add_argument("--short-history", choices=SHORT_HISTORIES, default=d.short_history,
+                   help="routing's short-score baseline: lineage (upstream: every earlier chunk) or window (last W)")
     g.add_argument("--short-reward", default=None, help="short-term reward name (see docs)")
     g.add_argument("--long-reward", default=None, help="long-term reward name")
     g.add_argument("--final-reward", default=None, help="reward that picks the final beam (default: long)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """``generate_defaults`` replace the built-in defaults of ``generate`` (from an upstream ``--config``)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="streamt1", description=__doc__)
@@ -50,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora-alpha", type=float, default=None,
                      help="alpha the LoRA was trained with (its config's adapter alpha); scale = alpha / rank; "
                           "default: the file's alpha, else the rank")
+    gen.add_argument("--config", default=None, metavar="UPSTREAM.yaml",
+                     help="upstream inference YAML (e.g. Stream-T1's stream_scaling.yaml); flags given here win")
+    gen.add_argument("--stream-preset", choices=sorted(STREAM_PRESETS), default=None,
+                     help="attention layout (default: from the checkpoint format; self-forcing/causvid: global "
+                          "over 21 frames, longlive: local 12 incl. sink 3, stream-t1: longlive + sink up to 15)")
     gen.add_argument("--chunks", type=int, default=7, help="number of chunks (3 latent frames each)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -63,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-v", "--verbose", action="store_true", help="log every chunk's search decisions")
     _search_flags(gen)
+    if generate_defaults:
+        gen.set_defaults(**generate_defaults)
     return parser
 
 
@@ -72,7 +83,36 @@ def search_config(args) -> SearchConfig:
                         noise_sigma=args.noise_sigma, short_threshold=args.short_threshold,
                         long_threshold=args.long_threshold, fusion_cap=args.fusion_cap, ema_alpha=args.ema_alpha,
                         noise_propagation=not args.no_noise_propagation,
-                        reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking)
+                        reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking,
+                        short_history=args.short_history)
+
+
+def upstream_defaults(path: str) -> dict:
+    """The ``generate`` defaults an upstream YAML implies (explicit flags still win)."""
+    from .upstream_config import load_upstream_config
+
+    cfg = load_upstream_config(path)
+    s = cfg.search
+    defaults = dict(upstream=cfg, chunks=cfg.num_chunks, seed=cfg.seed, search=s.strategy, beam_size=s.beam_size,
+                    top_k=s.top_k, window_chunks=s.window_chunks, noise_sigma=s.noise_sigma,
+                    short_threshold=s.short_threshold, long_threshold=s.long_threshold, fusion_cap=s.fusion_cap)
+    if cfg.checkpoint is not None:
+        defaults["model"] = cfg.checkpoint
+    if cfg.lora is not None:
+        defaults.update(lora=cfg.lora, lora_alpha=cfg.lora_alpha)
+    return defaults
+
+
+def stream_options(args) -> dict:
+    """The from_pretrained arguments for the stream layout and sampler: --stream-preset, else the upstream
+    --config's layout and schedule, else the model's own."""
+    options = {"stream_preset": args.stream_preset}
+    upstream = getattr(args, "upstream", None)
+    if upstream is not None:
+        options["sampler"] = upstream.sampler
+        if args.stream_preset is None:
+            options["stream"] = upstream.stream
+    return options
 
 
 def _log_record(record) -> None:
@@ -99,7 +139,7 @@ def generate(args) -> int:
     engine = StreamT1Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             attention_backend=args.attention_backend, text_encoder=args.text_encoder,
                                             vae=args.vae, lora=args.lora, lora_alpha=args.lora_alpha,
-                                            cuda_graphs=args.cuda_graphs)
+                                            cuda_graphs=args.cuda_graphs, **stream_options(args))
     bar = None
     seen = 0
 
@@ -132,8 +172,20 @@ def generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse once; with ``--config``, parse again with the YAML's values as defaults, so explicit flags win."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        args = build_parser(upstream_defaults(args.config)).parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except StreamT1Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:

@@ -1,11 +1,12 @@
 """Configuration of the DiT, the streaming cache and the few-step sampler.
 
-Defaults follow Wan2.1-T2V-1.3B as used by Self-Forcing / LongLive: 3 latent frames per chunk, a local
-window of 12 latent frames (the current chunk included), a sink of 3 frames that Stream-T1 may grow to 15.
+Defaults follow Wan2.1-T2V-1.3B as used by LongLive / Stream-T1: 3 latent frames per chunk, local attention
+over 12 latent frames (the sink of 3 and the current chunk included), a sink that Stream-T1 may grow to 15.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import require
@@ -68,55 +69,132 @@ class WanConfig:
         return cls(**data)
 
 
+GLOBAL_ATTN_FRAMES = 21  # Self-Forcing / CausVid: a 32760-token cache, 21 latent frames at 480x832
+
+# Engine-format JSON written before the stream keys took upstream's names (frames, current chunk included).
+_OLD_STREAM_KEYS = {"chunk_frames": "num_frame_per_block", "window_frames": "local_attn_size",
+                    "sink_frames": "sink_size", "max_sink_frames": "max_sink_size"}
+_OLD_STREAM_DEFAULTS = {"chunk_frames": 3, "window_frames": 12, "sink_frames": 3, "max_sink_frames": 15}
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    """How a video is cut into chunks and which earlier frames each chunk attends to.
+    """How a video is cut into chunks and which earlier frames each chunk attends to, in upstream's terms.
 
-    ``window_frames`` counts the current chunk, as in LongLive's local attention size; the cached window
-    therefore holds ``window_frames // chunk_frames - 1`` pages. The first ``sink_frames`` frames become the
-    sink; Stream-T1's memory sinking may append evicted chunks until ``max_sink_frames``.
+    ``local_attn_size`` counts the latent frames a chunk attends to *including* the initial sink and its own
+    chunk (LongLive: 12 = 3 sink + 6 cached + own 3); -1 is global attention (Self-Forcing, CausVid) over at
+    most ``GLOBAL_ATTN_FRAMES`` frames. The first ``sink_size`` frames are the sink; Stream-T1's APPEND grows
+    it up to ``max_sink_size`` and grows the cache budget by the same amount, so the non-sink part stays
+    ``local_attn_size - sink_size`` frames (own chunk included).
     """
 
-    chunk_frames: int = 3
-    window_frames: int = 12
-    sink_frames: int = 3
-    max_sink_frames: int = 15
+    num_frame_per_block: int = 3
+    local_attn_size: int = 12
+    sink_size: int = 3
+    max_sink_size: int = 15
     latent_height: int = 60
     latent_width: int = 104
     max_frames: int = 4096
 
     def __post_init__(self):
-        c = self.chunk_frames
-        require(c >= 1, "chunk_frames must be >= 1")
-        require(self.window_frames % c == 0 and self.window_frames >= c,
-                f"window_frames ({self.window_frames}) must be a positive multiple of chunk_frames ({c})")
-        require(self.sink_frames % c == 0, f"sink_frames ({self.sink_frames}) must be a multiple of chunk_frames ({c})")
-        require(self.max_sink_frames % c == 0 and self.max_sink_frames >= self.sink_frames,
-                f"max_sink_frames ({self.max_sink_frames}) must be a multiple of chunk_frames and >= sink_frames")
+        c = self.num_frame_per_block
+        require(c >= 1, "num_frame_per_block must be >= 1")
+        require(self.sink_size >= 0 and self.sink_size % c == 0,
+                f"sink_size ({self.sink_size}) must be a multiple of num_frame_per_block ({c})")
+        require(self.max_sink_size % c == 0 and self.max_sink_size >= self.sink_size,
+                f"max_sink_size ({self.max_sink_size}) must be a multiple of num_frame_per_block ({c}) and "
+                f">= sink_size ({self.sink_size})")
+        if self.is_global:
+            require(self.sink_size == 0 and self.max_sink_size == 0,
+                    "global attention (local_attn_size=-1) has no sink: set sink_size=0 and max_sink_size=0")
+        else:
+            require(self.local_attn_size - self.sink_size >= c,
+                    f"sink_size ({self.sink_size}) leaves no room in local_attn_size ({self.local_attn_size}) for "
+                    f"the current chunk ({c} frames): local_attn_size includes the sink and the current chunk")
+            require((self.local_attn_size - self.sink_size) % c == 0,
+                    f"local_attn_size - sink_size ({self.local_attn_size} - {self.sink_size}) must be a multiple "
+                    f"of num_frame_per_block ({c})")
         require(self.latent_height > 0 and self.latent_width > 0, "latent size must be positive")
 
     @property
+    def chunk_frames(self) -> int:
+        return self.num_frame_per_block
+
+    @property
+    def is_global(self) -> bool:
+        return self.local_attn_size == -1
+
+    @property
     def window_pages(self) -> int:
-        return self.window_frames // self.chunk_frames - 1
+        """Cached non-sink chunks a beam keeps (the current chunk excluded); APPEND does not change it."""
+        c = self.num_frame_per_block
+        frames = GLOBAL_ATTN_FRAMES // c * c if self.is_global else self.local_attn_size - self.sink_size
+        return frames // c - 1
 
     @property
     def sink_pages(self) -> int:
-        return self.sink_frames // self.chunk_frames
+        return self.sink_size // self.num_frame_per_block
 
     @property
     def max_sink_pages(self) -> int:
-        return self.max_sink_frames // self.chunk_frames
+        return self.max_sink_size // self.num_frame_per_block
 
     @property
     def max_pages_per_beam(self) -> int:
         return self.max_sink_pages + self.window_pages
 
+    @property
+    def max_stream_frames(self) -> int:
+        """Latent frames one stream may have: global attention stops where upstream's cache is full."""
+        if self.is_global:
+            return min(self.max_frames, (self.window_pages + 1) * self.num_frame_per_block)
+        return self.max_frames
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "StreamConfig":
+        """The attention layout each model family was trained and released with (480x832 latents)."""
+        require(name in STREAM_PRESETS, f"unknown stream preset {name!r}; choose one of {sorted(STREAM_PRESETS)}")
+        return cls(**{**STREAM_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StreamConfig":
+        """Engine-format ``stream`` section; the keys before upstream's names are converted with one warning."""
+        data = dict(data)
+        old = sorted(k for k in data if k in _OLD_STREAM_KEYS)
+        if old:
+            new_keys = sorted(k for k in _OLD_STREAM_KEYS.values() if k in data)
+            require(not new_keys, f"stream config mixes old keys {old} with new keys {new_keys}; use the new ones")
+            for key, value in _OLD_STREAM_DEFAULTS.items():  # what a missing old key meant then
+                data.setdefault(key, value)
+            data["window_frames"] += data["sink_frames"]  # old W excluded the sink S: upstream's size is W + S
+            old = sorted(k for k in data if k in _OLD_STREAM_KEYS)
+            for key in old:
+                data[_OLD_STREAM_KEYS[key]] = data.pop(key)
+            warnings.warn(f"stream config uses the old keys {old}; read as {[_OLD_STREAM_KEYS[k] for k in old]} "
+                          "(local_attn_size = window_frames + sink_frames). Rename them: the old keys will go.",
+                          UserWarning, stacklevel=2)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        require(not unknown, f"unknown stream config keys: {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     @classmethod
     def tiny(cls, **overrides) -> "StreamConfig":
-        base = dict(chunk_frames=3, window_frames=9, sink_frames=3, max_sink_frames=6,
+        base = dict(num_frame_per_block=3, local_attn_size=12, sink_size=3, max_sink_size=6,
                     latent_height=4, latent_width=6)
         base.update(overrides)
         return cls(**base)
+
+
+STREAM_PRESETS = {
+    "self-forcing": dict(num_frame_per_block=3, local_attn_size=-1, sink_size=0, max_sink_size=0),
+    "causvid": dict(num_frame_per_block=3, local_attn_size=-1, sink_size=0, max_sink_size=0),
+    "longlive": dict(num_frame_per_block=3, local_attn_size=12, sink_size=3, max_sink_size=3),
+    "stream-t1": dict(num_frame_per_block=3, local_attn_size=12, sink_size=3, max_sink_size=15),
+}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cache import PagedKVCache
-from .config import EngineConfig, StreamConfig
+from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import StreamT1Error, require
@@ -151,17 +151,23 @@ class StreamT1Engine:
     def from_pretrained(cls, source: str | None = "tiny", *, device="cpu", dtype=None, attention_backend="auto",
                         text_encoder: str | None = None, vae: str | None = None, lora: str | None = None,
                         lora_alpha: float | None = None,
-                        stream: StreamConfig | None = None, **kwargs) -> "StreamT1Engine":
+                        stream: StreamConfig | None = None, stream_preset: str | None = None,
+                        sampler: SamplerConfig | None = None, **kwargs) -> "StreamT1Engine":
         """``source``: "tiny" (the embedded model), "random-tiny", an engine-format directory, a diffusers Wan
         pipeline directory, or a DiT checkpoint (Self-Forcing / CausVid / LongLive / Wan) together with
         ``text_encoder`` and ``vae`` sources; each may be a local path or a hub id. ``lora_alpha``: the alpha the
-        ``lora`` was trained with (None = the file's, else its rank); it is merged with scale alpha / rank."""
+        ``lora`` was trained with (None = the file's, else its rank); it is merged with scale alpha / rank.
+        The attention layout comes from the checkpoint format (``loaders.checkpoint_stream_preset``);
+        ``stream_preset`` ("self-forcing", "causvid", "longlive", "stream-t1") overrides it, an explicit
+        ``stream`` wins. ``sampler`` replaces the model's few-step schedule (e.g. from
+        ``upstream_config.load_upstream_config``)."""
         from . import loaders  # local import keeps the engine importable without optional parts
 
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
         parts = loaders.load_parts(source or "tiny", device=dev, dtype=dt, text_encoder=text_encoder, vae=vae,
-                                   lora=lora, lora_alpha=lora_alpha, stream=stream)
+                                   lora=lora, lora_alpha=lora_alpha, stream=stream, stream_preset=stream_preset,
+                                   sampler=sampler)
         return cls(parts.model, parts.text_encoder, parts.vae, parts.config, device=dev, dtype=dt,
                    attention_backend=attention_backend, fps=parts.fps, name=parts.name,
                    default_rewards=parts.default_rewards, **kwargs)
@@ -172,6 +178,10 @@ class StreamT1Engine:
         require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
                 f"num_chunks must be a positive integer, got {num_chunks!r}")
         stream = self.config.stream
+        require(not stream.is_global or num_chunks * stream.chunk_frames <= stream.max_stream_frames,
+                f"num_chunks {num_chunks} is too long for global attention: at most "
+                f"{stream.max_stream_frames // stream.chunk_frames} chunks ({stream.max_stream_frames} latent frames, "
+                "upstream's cache); use a local-attention stream preset such as 'longlive' for longer videos")
         max_chunks = min(MAX_CHUNKS, stream.max_frames // stream.chunk_frames)
         require(num_chunks <= max_chunks, f"num_chunks {num_chunks} is too large: at most {max_chunks} "
                                           f"({stream.max_frames} latent frames of RoPE positions)")
@@ -295,7 +305,8 @@ class StreamT1Engine:
                 if info is not None:
                     info.update(
                         records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                        search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
+                        search=search.to_dict(), stream=stream_cfg.to_dict(), seed=seed, num_chunks=num_chunks,
+                        model=self.name,
                         device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                         attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
                         kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),

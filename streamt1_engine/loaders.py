@@ -15,7 +15,18 @@ from .model.wan import CausalWanDiT
 ENGINE_FORMAT = "streamt1-engine"
 ENGINE_CONFIG_FILE = "streamt1.json"
 BUILTIN_DIR = Path(__file__).parent / "assets" / "tiny"
-WAN_STREAM = StreamConfig()  # Self-Forcing / LongLive layout at 480x832
+
+
+def checkpoint_stream_preset(lora) -> str:
+    """The attention layout a bare DiT checkpoint was released with (480x832 latents).
+
+    A base checkpoint with a LoRA is LongLive, which Stream-T1 runs: "stream-t1" (LongLive's local 12 frames
+    with a sink of 3, which memory sinking may grow to 15; without stream_t1 search that is exactly LongLive).
+    Without a LoRA it is Self-Forcing or CausVid (one file layout, one layout of attention): "self-forcing",
+    global attention over up to 21 frames. Diffusers and original-Wan folders get "self-forcing" too: that
+    is the layout of causal Wan DiTs converted to those formats, and the closest to the full attention of the
+    bidirectional Wan2.1 base."""
+    return "stream-t1" if lora is not None else "self-forcing"
 
 
 @dataclass
@@ -35,7 +46,7 @@ def random_tiny_parts(device, dtype, seed: int = 0) -> ModelParts:
     from .vae import SpaceToDepthVAE
 
     model_cfg = WanConfig.tiny(in_channels=48, out_channels=48, text_dim=32, text_len=16)
-    stream = StreamConfig(chunk_frames=3, window_frames=12, sink_frames=3, max_sink_frames=9,
+    stream = StreamConfig(num_frame_per_block=3, local_attn_size=15, sink_size=3, max_sink_size=9,
                           latent_height=8, latent_width=8)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -58,7 +69,7 @@ def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None) -> 
     for key in ("model", "text_encoder", "vae"):
         require(key in spec, f"{directory / ENGINE_CONFIG_FILE} lacks the {key!r} section")
     model_cfg = WanConfig.from_dict(spec["model"])
-    stream = StreamConfig(**spec.get("stream", {}))
+    stream = StreamConfig.from_dict(spec.get("stream", {}))
     sampler_spec = dict(spec.get("sampler", {}))
     if "denoising_steps" in sampler_spec:
         sampler_spec["denoising_steps"] = tuple(sampler_spec["denoising_steps"])
@@ -75,7 +86,11 @@ def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None) -> 
 
 
 def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None, lora_alpha=None,
-               stream: StreamConfig | None = None) -> ModelParts:
+               stream: StreamConfig | None = None, stream_preset: str | None = None,
+               sampler: SamplerConfig | None = None) -> ModelParts:
+    """``stream`` replaces the model's stream layout; else ``stream_preset`` (a ``StreamConfig.preset`` name)
+    replaces its attention layout and keeps its latent size; else the model's own (engine format) or the one
+    its checkpoint format implies (``checkpoint_stream_preset``)."""
     if source == "tiny":
         _register_builtin_components()
         if (BUILTIN_DIR / ENGINE_CONFIG_FILE).exists():
@@ -94,8 +109,12 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
             parts = _engine_dir_parts(path, device, dtype, lora, lora_alpha)
         else:
             parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora, lora_alpha)
-    if stream is not None:
-        parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
+    if stream is None and stream_preset is not None:
+        own = parts.config.stream
+        stream = StreamConfig.preset(stream_preset, latent_height=own.latent_height, latent_width=own.latent_width,
+                                     max_frames=own.max_frames)
+    if stream is not None or sampler is not None:
+        parts.config = EngineConfig(parts.config.model, stream or parts.config.stream, sampler or parts.config.sampler)
     return parts
 
 
@@ -112,11 +131,11 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, 
                 f"pipeline directory or hub id)")
     # LongLive trains its LoRA on the non-EMA generator, Self-Forcing samples with the EMA weights
     model = load_dit(str(path), lora=lora, lora_alpha=lora_alpha, use_ema=lora is None, device="cpu",
-                     dtype=torch.float32,
-                     max_frames=WAN_STREAM.max_frames)
+                     dtype=torch.float32, max_frames=StreamConfig().max_frames)
     text = build_text_encoder({"type": "umt5", "path": str(text_encoder or path)}, None, device, dtype)
     decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, torch.float32)
-    return ModelParts(model, text, decoder, EngineConfig(model.config, WAN_STREAM, SamplerConfig()), fps=16,
+    stream = StreamConfig.preset(checkpoint_stream_preset(lora))
+    return ModelParts(model, text, decoder, EngineConfig(model.config, stream, SamplerConfig()), fps=16,
                       name=source)
 
 

@@ -18,7 +18,7 @@ from streamt1_engine.model.wan import ChunkAttention  # noqa: E402
 from streamt1_engine.sampler import denoise_chunk, make_schedule  # noqa: E402
 from streamt1_engine.search.noise import draw_chunk_noise  # noqa: E402
 
-STREAM = StreamConfig.tiny(window_frames=12, sink_frames=3, max_sink_frames=9)
+STREAM = StreamConfig.tiny(local_attn_size=15, sink_size=3, max_sink_size=9)
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
 
 

@@ -22,7 +22,7 @@ from streamt1_engine.search.beam_search import BeamSearch, EagerDenoiser
 from streamt1_engine.search.noise import draw_chunk_noise
 from streamt1_engine.vae import SpaceToDepthVAE
 
-STREAM = StreamConfig.tiny(window_frames=9, sink_frames=3, max_sink_frames=9)
+STREAM = StreamConfig.tiny(local_attn_size=12, sink_size=3, max_sink_size=9)
 SCHEDULE = make_schedule(SamplerConfig())
 STREAM_T1 = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, window_chunks=3, short_threshold=-0.05,
                          long_threshold=0.0, ema_alpha=0.7)

@@ -58,7 +58,7 @@ def assert_beam_matches(cache, beam: BeamPages, ref: ListCache):
 def test_long_stream_two_beams_with_forks():
     """Two beams forked from one parent every few chunks, random flags, more chunks than window + sink."""
     model = tiny_model(num_layers=2)
-    stream = StreamConfig.tiny(window_frames=12, sink_frames=3, max_sink_frames=9)
+    stream = StreamConfig.tiny(local_attn_size=15, sink_size=3, max_sink_size=9)
     cache = make_cache(model, stream, num_pages=cache_pages(stream))
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
@@ -97,7 +97,7 @@ def cache_pages(stream):
 
 def test_each_route_alone():
     model = tiny_model(num_layers=1)
-    stream = StreamConfig.tiny(window_frames=6, sink_frames=3, max_sink_frames=6)  # window: 1 cached page
+    stream = StreamConfig.tiny(local_attn_size=9, sink_size=3, max_sink_size=6)  # window: 1 cached page
     for flag, sink_len in [(RouteFlag.DISCARD, 1), (RouteFlag.EMA, 1), (RouteFlag.APPEND, 2)]:
         cache = make_cache(model, stream, num_pages=8)
         gen = torch.Generator().manual_seed(1)
@@ -122,7 +122,7 @@ def test_each_route_alone():
 
 def test_ema_into_shared_sink_copies_on_write():
     model = tiny_model(num_layers=1)
-    stream = StreamConfig.tiny(window_frames=6, sink_frames=3, max_sink_frames=3)
+    stream = StreamConfig.tiny(local_attn_size=9, sink_size=3, max_sink_size=3)
     cache = make_cache(model, stream, num_pages=8)
     gen = torch.Generator().manual_seed(2)
     parent = BeamPages()

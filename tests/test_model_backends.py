@@ -27,7 +27,7 @@ def filled_cache(model, stream, chunks, gen):
 def test_model_forward_matches_torch_backend(backend):
     pytest.importorskip("triton") if backend == "triton" else None
     model = tiny_model(seed=4)
-    stream = StreamConfig.tiny(window_frames=9, sink_frames=3, max_sink_frames=6, latent_height=4, latent_width=6)
+    stream = StreamConfig.tiny(local_attn_size=12, sink_size=3, max_sink_size=6, latent_height=4, latent_width=6)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         cache, text, beam = filled_cache(model, stream, 6, gen)  # wrapped window, grown sink

@@ -48,3 +48,50 @@ def test_bare_checkpoint_needs_text_encoder_and_vae(pipeline_dir):
                                             vae=str(pipeline_dir), stream=StreamConfig.tiny(latent_height=4,
                                                                                             latent_width=4))
     assert engine.generate("waves crash", num_chunks=1).frames.shape[0] == 1 + 2 * engine.vae.temporal_factor
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoints(tmp_path_factory):
+    """A Self-Forcing / CausVid style generator file and a LongLive LoRA for it (tiny, random)."""
+    from test_loading import lora_factors, prefixed, tiny_model
+
+    root = tmp_path_factory.mktemp("torch_checkpoints")
+    base = tiny_model()
+    torch.save({"generator": prefixed(base.state_dict()), "generator_ema": prefixed(base.state_dict())},
+               root / "base.pt")
+    peft = {}
+    for target, (a, b) in lora_factors(base).items():
+        peft[f"base_model.model.{target}.lora_A.weight"], peft[f"base_model.model.{target}.lora_B.weight"] = a, b
+    torch.save({"generator_lora": peft}, root / "lora.pt")
+    return root
+
+
+def test_stream_preset_follows_the_checkpoint_format(pipeline_dir, torch_checkpoints):
+    """Self-Forcing / CausVid files and diffusers folders: global attention over 21 frames; a base file with a
+    LoRA (LongLive): local 12 including a sink of 3 that Stream-T1 grows to 15; engine dirs: their own."""
+    parts = dict(text_encoder=str(pipeline_dir), vae=str(pipeline_dir))
+    cases = [(dict(source=str(pipeline_dir)), "self-forcing"),
+             (dict(source=str(pipeline_dir / "transformer"), **parts), "self-forcing"),
+             (dict(source=str(torch_checkpoints / "base.pt"), **parts), "self-forcing"),
+             (dict(source=str(torch_checkpoints / "base.pt"), lora=str(torch_checkpoints / "lora.pt"), **parts),
+              "stream-t1")]
+    for kwargs, preset in cases:
+        stream = StreamT1Engine.from_pretrained(**kwargs).config.stream
+        assert stream == StreamConfig.preset(preset), kwargs
+    layouts = {name: StreamConfig.preset(name) for name in ("self-forcing", "longlive", "stream-t1")}
+    assert (layouts["self-forcing"].local_attn_size, layouts["self-forcing"].sink_size) == (-1, 0)
+    assert (layouts["longlive"].local_attn_size, layouts["longlive"].sink_size,
+            layouts["longlive"].max_sink_size) == (12, 3, 3)
+    assert (layouts["stream-t1"].local_attn_size, layouts["stream-t1"].max_sink_size) == (12, 15)
+    assert StreamConfig.preset("causvid") == layouts["self-forcing"]
+    # stream_preset overrides the format's choice and keeps the model's latent size; stream= wins over both
+    engine = StreamT1Engine.from_pretrained(str(pipeline_dir), stream_preset="longlive")
+    assert engine.config.stream == layouts["longlive"]
+    tiny = StreamT1Engine.from_pretrained("random-tiny", stream_preset="longlive").config.stream
+    assert tiny == StreamConfig.preset("longlive", latent_height=8, latent_width=8)
+    assert StreamT1Engine.from_pretrained("random-tiny").config.stream.local_attn_size == 15
+    explicit = StreamConfig.tiny(latent_height=4, latent_width=4)
+    engine = StreamT1Engine.from_pretrained(str(pipeline_dir), stream=explicit, stream_preset="longlive")
+    assert engine.config.stream == explicit
+    with pytest.raises(StreamT1Error, match="unknown stream preset"):
+        StreamT1Engine.from_pretrained("random-tiny", stream_preset="longlive-v2")

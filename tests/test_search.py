@@ -1,10 +1,13 @@
 """Stream-T1 search: batched beams over shared pages must match a one-candidate-at-a-time reference."""
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import BeamPages, RouteFlag, make_cache, text_context, tiny_model
 from streamt1_engine.config import SamplerConfig, StreamConfig
+from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.model.wan import ChunkAttention
 from streamt1_engine.sampler import context_pass, denoise_chunk, make_schedule
 from streamt1_engine.rewards import hybrid_weight
@@ -13,7 +16,7 @@ from streamt1_engine.search.config import SearchConfig
 from streamt1_engine.search.noise import chunk_seed, draw_chunk_noise, propagate_noise
 from streamt1_engine.vae import SpaceToDepthVAE
 
-STREAM = StreamConfig.tiny(window_frames=9, sink_frames=3, max_sink_frames=9)  # 2 window pages, sink <= 3 pages
+STREAM = StreamConfig.tiny(local_attn_size=12, sink_size=3, max_sink_size=9)  # 2 window pages, sink <= 3 pages
 SCHEDULE = make_schedule(SamplerConfig())
 
 
@@ -129,7 +132,9 @@ def run_sequential(search: SearchConfig, num_chunks, seed=7):
             parent = r["beam"]
             flag = RouteFlag.DISCARD
             if search.sinks_memory and c > 0:
-                recent = parent.short_history[-search.window_chunks:]
+                recent = parent.short_history  # "lineage": every earlier chunk of the lineage, as upstream
+                if search.short_history == "window":
+                    recent = recent[-search.window_chunks:]
                 short_high = r["short"] - sum(recent) / len(recent) > search.short_threshold
                 long_low = parent.last_long - r["long"] > search.long_threshold
                 flag = RouteFlag.EMA if short_high and not long_low else (
@@ -161,10 +166,12 @@ SEARCH = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, window_chunks=
                       long_threshold=0.0, ema_alpha=0.7)
 
 
-def test_batched_beam_search_matches_sequential_reference():
+@pytest.mark.parametrize("short_history", ["lineage", "window"])
+def test_batched_beam_search_matches_sequential_reference(short_history):
     num_chunks = 8
-    runner, cache, best = run_batched(SEARCH, num_chunks)
-    log, ref_beams, ref_best = run_sequential(SEARCH, num_chunks)
+    search = dataclasses.replace(SEARCH, short_history=short_history)
+    runner, cache, best = run_batched(search, num_chunks)
+    log, ref_beams, ref_best = run_sequential(search, num_chunks)
     flags_seen = set()
     for record, ref in zip(runner.records, log):
         assert record.survivors == ref["survivors"]
@@ -241,9 +248,26 @@ def test_long_stream_memory_is_flat_and_sink_is_bounded():
     with torch.no_grad():
         for _ in range(num_chunks):
             record = runner.step()
-            assert all(f <= STREAM.max_sink_frames for f in record.sink_frames)
+            assert all(f <= STREAM.max_sink_size for f in record.sink_frames)
             in_use.append(cache.pool.num_pages - cache.num_free)
-    assert runner.records[-1].sink_frames == [STREAM.max_sink_frames] * 2
+    assert runner.records[-1].sink_frames == [STREAM.max_sink_size] * 2
     steady = in_use[STREAM.window_pages + STREAM.max_sink_pages + 1:]
     assert max(steady) <= 2 * STREAM.max_pages_per_beam and max(steady) == max(in_use)
     assert cache.pool.num_pages == PagedKVCache.pages_needed(STREAM, 2, 4)  # preallocated once, never grown
+
+
+@pytest.mark.parametrize("short_history,expected", [("lineage", RouteFlag.DISCARD), ("window", RouteFlag.EMA)])
+def test_routing_short_baseline_lineage_or_window(short_history, expected):
+    """Lineage: the short score is compared with the mean over every earlier chunk (upstream's slice
+    [max(0, 1 - W):] starts at 0); window: with the last W only."""
+    search = SearchConfig(strategy="stream_t1", window_chunks=3, short_threshold=0.0, long_threshold=0.2,
+                          short_history=short_history)
+    runner = SimpleNamespace(search=search, chunk_index=4)
+    parent = SimpleNamespace(short_history=[10.0, 0.0, 0.0, 0.0], last_long=0.5)
+    # lineage mean 2.5 > 1.0: not high; window mean 0.0 < 1.0: high, and the long score did not drop
+    assert BeamSearch._route(runner, parent, 1.0, 0.5) == expected
+    parent.last_long = 1.0  # long dropped by 0.5 > 0.2: a high short score now means APPEND
+    assert BeamSearch._route(runner, parent, 1.0, 0.5) == (
+        RouteFlag.APPEND if short_history == "window" else RouteFlag.DISCARD)
+    with pytest.raises(StreamT1Error, match="short_history"):
+        SearchConfig(short_history="last")

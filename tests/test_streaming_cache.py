@@ -25,12 +25,14 @@ def stream_chunks(model, cache, text, latents, timesteps, chunk_frames, other_be
     return torch.cat(outputs, dim=2), beam
 
 
-@pytest.mark.parametrize("window_frames,sink_frames,num_chunks", [(12, 3, 4), (6, 3, 5), (9, 0, 5), (6, 6, 6)])
-def test_streaming_equals_dense_block_causal(window_frames, sink_frames, num_chunks):
+# local_attn_size counts the sink and the current chunk (upstream's meaning): (12, 3) is LongLive's layout
+@pytest.mark.parametrize("local_attn_size,sink_size,num_chunks",
+                         [(12, 3, 6), (15, 3, 4), (9, 3, 5), (9, 0, 5), (12, 6, 6)])
+def test_streaming_equals_dense_block_causal(local_attn_size, sink_size, num_chunks):
     model = tiny_model()
     chunk = 3
-    stream = StreamConfig.tiny(window_frames=window_frames, sink_frames=sink_frames,
-                               max_sink_frames=max(sink_frames, 3))
+    stream = StreamConfig.tiny(local_attn_size=local_attn_size, sink_size=sink_size,
+                               max_sink_size=max(sink_size, 3))
     cache = make_cache(model, stream)
     text = text_context(model)
     g = torch.Generator().manual_seed(3)
@@ -40,7 +42,7 @@ def test_streaming_equals_dense_block_causal(window_frames, sink_frames, num_chu
     with torch.no_grad():
         streamed, beam = stream_chunks(model, cache, text, latents, timesteps, chunk)
         tokens = (stream.latent_height // 2) * (stream.latent_width // 2)
-        mask = block_causal_mask(frames, chunk, tokens, window_frames=window_frames, sink_frames=sink_frames)
+        mask = block_causal_mask(frames, chunk, tokens, local_attn_size=local_attn_size, sink_size=sink_size)
         per_frame_t = torch.tensor(timesteps).repeat_interleave(chunk)[None]
         dense = model(latents, per_frame_t, text, ChunkAttention.dense(1, "cpu", mask))
     torch.testing.assert_close(streamed, dense, atol=2e-5, rtol=1e-4)
@@ -52,7 +54,7 @@ def test_streaming_equals_dense_block_causal(window_frames, sink_frames, num_chu
 def test_window_actually_hides_old_frames():
     """Guard against a vacuous equality: without the window, the last chunk's output changes."""
     model = tiny_model()
-    stream = StreamConfig.tiny(window_frames=6, sink_frames=3, max_sink_frames=3)
+    stream = StreamConfig.tiny(local_attn_size=9, sink_size=3, max_sink_size=3)
     text = text_context(model)
     latents = torch.randn(1, 4, 15, stream.latent_height, stream.latent_width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -65,7 +67,7 @@ def test_window_actually_hides_old_frames():
 
 def test_candidates_sharing_pages_match_batch_one():
     model = tiny_model(seed=2)
-    stream = StreamConfig.tiny(window_frames=9, sink_frames=3, max_sink_frames=6)
+    stream = StreamConfig.tiny(local_attn_size=12, sink_size=3, max_sink_size=6)
     cache = make_cache(model, stream)
     text = text_context(model)
     g = torch.Generator().manual_seed(5)

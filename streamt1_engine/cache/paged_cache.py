@@ -118,6 +118,9 @@ class PagedKVCache:
         rows, lens = [], []
         for b in beams:
             pages = b.all_pages()
+            require(len(pages) <= width or not self.stream.is_global,
+                    f"global attention covers at most {self.stream.max_stream_frames} latent frames (upstream's "
+                    "cache); a longer stream needs local attention (a local_attn_size, e.g. stream preset 'longlive')")
             require(len(pages) <= width, "a beam holds more pages than the table width")
             rows.append(pages + [-1] * (width - len(pages)))
             lens.append(len(pages))
@@ -141,12 +144,19 @@ class PagedKVCache:
 
     # -- commit and memory sinking ----------------------------------------------------------------
     def commit(self, beam: BeamPages, page: int, flag: RouteFlag) -> None:
-        """Add a freshly written chunk page (owned by ``beam``) and evict past the window."""
+        """Add a freshly written chunk page (owned by ``beam``) and evict past the window.
+
+        Upstream evicts (and appends or merges into the sink) in the first forward of the *next* chunk;
+        doing it here decides on the same flag and sink size, and the next chunk attends to the same frames:
+        the sink plus ``window_pages`` cached chunks plus itself, ``local_attn_size`` frames before any
+        APPEND. Global attention never evicts: upstream's cache just ends (``max_stream_frames``)."""
         self.flag[page] = flag
         if len(beam.sink) < self.stream.sink_pages and not beam.window:
             beam.sink.append(page)
             return
         beam.window.append(page)
+        if self.stream.is_global:
+            return
         while len(beam.window) > self.stream.window_pages:
             self._evict(beam, beam.window.pop(0))
 

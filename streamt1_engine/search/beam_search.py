@@ -180,7 +180,9 @@ class BeamSearch:
     def _route(self, parent: Beam, short: float | None, long: float | None) -> RouteFlag:
         if not self.search.sinks_memory or self.chunk_index == 0 or short is None:
             return RouteFlag.DISCARD
-        recent = parent.short_history[-self.search.window_chunks:]
+        # "lineage" (upstream): mean over every earlier chunk of the lineage; "window": the last W chunks only
+        history = parent.short_history
+        recent = history if self.search.short_history == "lineage" else history[-self.search.window_chunks:]
         short_high = bool(recent) and short - sum(recent) / len(recent) > self.search.short_threshold
         long_low = parent.last_long is not None and parent.last_long - long > self.search.long_threshold
         if short_high and not long_low:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import require
 
 STRATEGIES = ("none", "best_of_n", "stream_t1")
+SHORT_HISTORIES = ("lineage", "window")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class SearchConfig:
     noise_propagation: bool = True
     reward_pruning: bool = True  # off: survivors are chosen at random (seeded), the ablation baseline
     memory_sinking: bool = True
+    # routing's short-score baseline: "lineage" = upstream's mean over the whole lineage (its slice
+    # [max(0, 1 - W):] always starts at 0, which looks unintended); "window" = the last window_chunks chunks
+    short_history: str = "lineage"
 
     def __post_init__(self):
         require(self.strategy in STRATEGIES, f"unknown search strategy {self.strategy!r}; choose one of {STRATEGIES}")
@@ -39,6 +43,8 @@ class SearchConfig:
         require(-1.0 <= self.noise_sigma <= 1.0, "noise_sigma must lie in [-1, 1]")
         require(0.0 <= self.fusion_cap <= 1.0, "fusion_cap must lie in [0, 1]")
         require(0.0 <= self.ema_alpha <= 1.0, "ema_alpha must lie in [0, 1]")
+        require(self.short_history in SHORT_HISTORIES,
+                f"unknown short_history {self.short_history!r}; choose one of {SHORT_HISTORIES}")
 
     @classmethod
     def named(cls, strategy: str, **overrides) -> "SearchConfig":

@@ -33,7 +33,8 @@ def tiny_wan_config() -> WanConfig:
 
 def tiny_stream_config() -> StreamConfig:
     latent = FRAME_SIZE // VAE_FACTOR
-    return StreamConfig(chunk_frames=3, window_frames=12, sink_frames=3, max_sink_frames=9,
+    # 3 sink + 9 cached + own 3 frames: the extent the shipped weights were trained and evaluated with
+    return StreamConfig(num_frame_per_block=3, local_attn_size=15, sink_size=3, max_sink_size=9,
                         latent_height=latent, latent_width=latent)
 
 
@@ -113,7 +114,7 @@ def load_tiny_model(path: str | os.PathLike | None = None, device="cpu", dtype=t
             f"{weights} does not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     dit = dit.to(device=device, dtype=dtype).eval()
     text_encoder = load_tiny_text_encoder(config["text_encoder"], path, device, dtype)
-    stream = StreamConfig(**config["stream"])
+    stream = StreamConfig.from_dict(config["stream"])
     sampler = SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["sampler"].items()})
     return TinyModel(dit, text_encoder, space_to_depth_vae(config["vae"].get("factor", VAE_FACTOR), device),
                      stream, sampler, config)
@@ -137,7 +138,7 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
     schedule = make_schedule(sampler)
     text = dit.encode_text(model.text_encoder.encode(prompts).to(device, dtype))
     gen = torch.Generator().manual_seed(seed)
-    window_chunks = stream.window_frames // cf - 1
+    window_chunks = stream.window_pages
     chunks: list[torch.Tensor] = []
     for k in range(num_chunks):
         context_ids = sorted(set(range(max(0, k - window_chunks), k)) | ({0} if k > 0 else set()))
