@@ -331,6 +331,26 @@ def reference_forward(model, noisy: torch.Tensor, timestep: float, text, caches:
     return out.permute(1, 0, 2, 3)[None].to(noisy.dtype)
 
 
+# -- the official decisions (plain Python) ------------------------------------------------------------------
+def route_flag(history: dict, short: float, long: float, s: UpstreamSettings) -> str:
+    """``history``: chunk start frame -> {"short", "long"} of the lineage, the current chunk last. The short
+    mean runs over every earlier chunk (the official window slice ``[max(0, 1 - W):]`` keeps them all);
+    long_low compares with the previous chunk's long score."""
+    keys = sorted(history)[:-1]
+    mean_short = sum(history[k]["short"] for k in keys) / len(keys)
+    short_high = short - mean_short > s.short_threshold
+    long_low = history[keys[-1]]["long"] - long > s.long_threshold
+    if short_high and not long_low:
+        return EMA
+    return APPEND if short_high and long_low else DISCARD
+
+
+def hybrid_weight(start_frame: int, total_frames: int, s: UpstreamSettings) -> float:
+    """Share of the short score, ``start / (total - chunk)`` capped (the official code divides by zero for
+    a one-chunk video)."""
+    return min(start_frame / (total_frames - s.num_frame_per_block), s.short_score_fusion_threshold)
+
+
 # -- the official search loop --------------------------------------------------------------------------------
 @dataclass
 class ReferenceChunk:
@@ -444,20 +464,6 @@ class ReferenceStreamT1:
         self._through_mp4(frames, tag)
         return float(self.long_reward(self._as_reward_input(frames), self.prompt)[0].item())
 
-    def _route(self, history: dict, start_frame: int, short: float, long: float) -> str:
-        keys = sorted(history)[:-1]  # every earlier chunk of the lineage (the window slice keeps all)
-        mean_short = sum(history[k]["short"] for k in keys) / len(keys)
-        short_high = short - mean_short > self.s.short_threshold
-        long_low = history[keys[-1]]["long"] - long > self.s.long_threshold
-        if short_high and not long_low:
-            return EMA
-        return APPEND if short_high and long_low else DISCARD
-
-    def _hybrid(self, short: float, long: float, start_frame: int) -> tuple[float, float]:
-        alpha = start_frame / (self.num_output_frames - self.s.num_frame_per_block)
-        alpha = min(alpha, self.s.short_score_fusion_threshold)
-        return alpha * short + (1 - alpha) * long, alpha
-
     def generate_candidate(self, beam: dict, chunk: int, seed: int, tag: str) -> dict:
         s, f = self.s, self.s.num_frame_per_block
         start_frame = chunk * f
@@ -479,8 +485,9 @@ class ReferenceStreamT1:
         long = self._long_score(output, start_frame, f"{tag}/long")
         history[start_frame] = {"short": short, "long": long, "route": DISCARD}
         if chunk > 0:
-            history[start_frame]["route"] = self._route(history, start_frame, short, long)
-        hybrid, alpha = self._hybrid(short, long, start_frame)
+            history[start_frame]["route"] = route_flag(history, short, long, s)
+        alpha = hybrid_weight(start_frame, self.num_output_frames, s)
+        hybrid = alpha * short + (1 - alpha) * long
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return dict(output=output, kv_cache=cache, seeds=beam["seeds"] + [seed], score=hybrid, noise=beam_noise,
