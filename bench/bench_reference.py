@@ -29,7 +29,15 @@ window and final video as an H.264 MP4, and its rewards read those files back. H
 and read back from a temporary directory (lossless, so the rewards see the same frames); the MP4s are
 written and read back too (the cost), but the rewards score the frames before encoding, as the engine does,
 since the lossy round trip would change the inputs. The rewards are the engine's built-in weight-free ones,
-not HPSv3 / VideoAlign, so model-loading and reward cost are left out of both runs alike.
+not HPSv3 / VideoAlign, so model-loading and reward cost are left out of both runs alike. Latents stay in the
+model dtype as in the official code (bf16 on a GPU); the VAE de-normalises in float32 (the engine's
+``decode_chunk``) where the official wrapper does it in the latents' dtype. Each layer writes its cache
+update right after its attention instead of after the last block (each layer reads only its own buffer, so
+the result is the same).
+
+As in the official code, every denoising step writes the chunk's K/V into the cache (the context pass
+overwrites them last), and a chunk is evicted at the first step of the chunk whose write overflows the
+budget, not when it is committed; the frames each chunk attends to are those of the rule above.
 """
 from __future__ import annotations
 
@@ -710,7 +718,8 @@ def main(argv=None):
              "engine: paper-exact search (noise_mode=official, reward_frames=cold, short_history=lineage); "
              "B=2, K=2, built-in weight-free rewards; same prompt and seed in both runs",
              common.parts_note(args) if args.vae != "wan-tiny" else
-             "toy random-weight DiT; VAE: small random AutoencoderKLWan (causal, 4x spatial / 2x temporal); hashed text encoder"]
+             "toy random-weight DiT; VAE: small random AutoencoderKLWan (causal, 4x spatial / 2x temporal); "
+             "hashed text encoder"]
     report = common.Report("bench_reference", "Engine vs the official way of running Stream-T1 (same seeds)",
                            common.environment(args, __file__), rows, notes=notes,
                            extra={"check": check, "reference_chunks": [r.to_dict() for r in ref.records],

@@ -54,11 +54,20 @@ def reference(rewards, *, chunks, vae=None, latent=(4, 6), seed=42, **settings):
         return runner.run("a fox", chunks, seed), model
 
 
-def test_seeds_survivors_and_routes_follow_the_official_rules():
-    # long drops by 1 per chunk up to chunk 5 (long low: APPEND), then stays (EMA); short is always high
-    rewards = ScriptedRewards([0, -1, -2, -3, -4, -5])
-    result, _ = reference(rewards, chunks=10)
-    records = result.records
+@pytest.fixture(scope="module")
+def append_then_ema():
+    """10 chunks; long drops by 1 per chunk up to chunk 5 (long low: APPEND), then stays (EMA); short is
+    always high."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference(ScriptedRewards([0, -1, -2, -3, -4, -5]), chunks=10)[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_seeds_survivors_and_routes_follow_the_official_rules(append_then_ema):
+    records = append_then_ema.records
     assert [r.survivors for r in records] == [[3, 2]] * 10  # the last candidate of each chunk scores best
     assert records[0].candidate_seeds == [42, 43, 44, 45]
     # chunk 1: beam 0 is candidate 3 (seed 45), beam 1 candidate 2 (seed 44); child 0 reuses its beam's seed
@@ -77,10 +86,8 @@ def _span(first, last):
     return list(range(first, last + 1))
 
 
-def test_attended_frames_append_then_ema():
-    rewards = ScriptedRewards([0, -1, -2, -3, -4, -5])
-    result, _ = reference(rewards, chunks=10)
-    attended = [r.attended_frames for r in result.records]
+def test_attended_frames_append_then_ema(append_then_ema):
+    attended = [r.attended_frames for r in append_then_ema.records]
     # sink 3 + 9 frames (own chunk included); APPENDs of chunks 1-4 grow the sink to 15 frames at chunks
     # 4-7; chunk 5 (APPEND) then meets a full sink at chunk 8 and is blended in like chunk 6 (EMA) at chunk 9
     want = [_span(0, 2), _span(0, 5), _span(0, 8), _span(0, 11), _span(0, 14), _span(0, 17), _span(0, 20),
@@ -121,30 +128,31 @@ def test_rewards_see_cold_decodes_truncated():
     from streamt1_engine.vae import WanVAE
 
     torch.manual_seed(0)
-    model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
-                             latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.7, 2.0, 1.1])
+    model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True], latents_mean=[0.3, -0.2, 0.1, 0.5],
+                             latents_std=[1.5, 0.7, 2.0, 1.1])
     vae = WanVAE(model)  # causal: the first latent frame of a cold decode gives one frame, later ones two
-    rewards = ScriptedRewards([0, -1, -2, -3, -4])
-    result, _ = reference(rewards, chunks=5, vae=vae, sliding_window_size=3)
+    rewards = ScriptedRewards([0, -1, -2, -3])
+    result, _ = reference(rewards, chunks=4, vae=vae, sliding_window_size=2)
     beam = result.beams[0]
-    last = result.records[-1].survivors[0]  # beam 0's last chunk is this candidate of chunk 4
-    short_in, long_in = rewards.short_calls[16 + last], rewards.long_calls[16 + last]
+    last = result.records[-1].survivors[0]  # beam 0's last chunk is this candidate of chunk 3
+    short_in, long_in = rewards.short_calls[12 + last], rewards.long_calls[12 + last]
 
     def cold(latents):  # [1, F, C, h, w] -> what the rewards get: uint8 by truncation, back to [0, 1]
         frames, _ = vae.decode_chunk(latents.permute(0, 2, 1, 3, 4), None)
         return (frames * 255).to(torch.uint8).float() / 255, (frames * 255).round() / 255
 
     output = beam["output"]
-    short_want, short_rounded = cold(output[:, 12:15])
+    short_want, short_rounded = cold(output[:, 9:12])
     assert short_in.shape[1] == 5  # 3 latent frames alone: 1 + 2 + 2 video frames
     torch.testing.assert_close(short_in, short_want, rtol=0, atol=0)
     assert not torch.equal(short_in, short_rounded)  # truncated, not rounded
-    long_want, _ = cold(output[:, 6:15])  # the last 3 chunks' latents, decoded from a cold state
-    assert long_in.shape[1] == 17  # not the 18 streamed frames of chunks 2-4
+    long_want, _ = cold(output[:, 6:12])  # the last 2 chunks' latents, decoded from a cold state
+    assert long_in.shape[1] == 11  # not the 12 streamed frames of chunks 2-3
     torch.testing.assert_close(long_in, long_want, rtol=0, atol=0)
     # before chunk W the window starts at frame 0: beam 0's chunk-1 candidate saw its chunks 0-1, cold
     lineage, j = {}, last
-    for c in range(4, -1, -1):
+    for c in range(3, -1, -1):
         lineage[c] = j
         if c:
             j = result.records[c - 1].survivors[result.records[c].candidate_parents[j]]
@@ -152,8 +160,8 @@ def test_rewards_see_cold_decodes_truncated():
     torch.testing.assert_close(rewards.long_calls[at_chunk_1], cold(output[:, 0:6])[0], rtol=0, atol=0)
     torch.testing.assert_close(rewards.short_calls[at_chunk_1], cold(output[:, 3:6])[0], rtol=0, atol=0)
     # the final pick scores every beam's whole video, cold-decoded
-    final = rewards.long_calls[20:]
-    assert len(final) == 2 and final[0].shape[1] == 1 + 2 * 14
+    final = rewards.long_calls[16:]
+    assert len(final) == 2 and final[0].shape[1] == 1 + 2 * 11
     torch.testing.assert_close(final[0], cold(output)[0], rtol=0, atol=0)
     assert torch.equal(result.frames, (vae.decode_chunk(result.beams[result.chosen_beam]["output"].permute(
         0, 2, 1, 3, 4), None)[0][0] * 255).to(torch.uint8).permute(0, 2, 3, 1))
