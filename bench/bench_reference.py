@@ -560,6 +560,8 @@ class ReferenceStreamT1:
                 if value > best_score:
                     best, best_score, best_frames = b, value, frames
             self._tmp = None
+        for beam in beams:  # the caller keeps the beams' latents and noise, not their caches
+            beam.pop("kv_cache", None)
         return ReferenceResult(records, best, scores, best_frames, beams)
 
 
