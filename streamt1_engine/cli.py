@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import StreamT1Error
-from .search.config import STRATEGIES, SearchConfig
+from .search.config import NOISE_MODES, REWARD_FRAMES, STRATEGIES, SearchConfig
 
 log = logging.getLogger("streamt1")
 
@@ -28,6 +28,12 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-noise-propagation", action="store_true", help="ablation: fresh noise per chunk")
     g.add_argument("--no-reward-pruning", action="store_true", help="ablation: random survivors")
     g.add_argument("--no-memory-sinking", action="store_true", help="ablation: fixed sink, evictions discarded")
+    g.add_argument("--noise-mode", choices=NOISE_MODES, default=d.noise_mode,
+                   help="official: the reference code's per-candidate device generators and seed numbering (the "
+                        "paper's noise); portable: hashed CPU noise, the same on every device")
+    g.add_argument("--reward-frames", choices=REWARD_FRAMES, default=d.reward_frames,
+                   help="cold: rewards see the chunk and the window decoded from a cold VAE state, truncated to "
+                        "uint8 (the paper's); streamed: reuse the streamed frames (faster)")
     g.add_argument("--short-reward", default=None, help="short-term reward name (see docs)")
     g.add_argument("--long-reward", default=None, help="long-term reward name")
     g.add_argument("--final-reward", default=None, help="reward that picks the final beam (default: long)")
@@ -69,7 +75,8 @@ def search_config(args) -> SearchConfig:
                         noise_sigma=args.noise_sigma, short_threshold=args.short_threshold,
                         long_threshold=args.long_threshold, fusion_cap=args.fusion_cap, ema_alpha=args.ema_alpha,
                         noise_propagation=not args.no_noise_propagation,
-                        reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking)
+                        reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking,
+                        noise_mode=args.noise_mode, reward_frames=args.reward_frames)
 
 
 def _log_record(record) -> None:
