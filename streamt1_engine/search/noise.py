@@ -69,7 +69,7 @@ def upstream_seed_collision(children_per_beam: int, beams: int, first_chunk_cand
     """Where upstream's numbering gives two different candidates the same seed (so the same noise), or None.
 
     Offsets from ``seed``: chunk 0 uses ``0 .. first-1``, chunk c >= 1 uses ``1000*c + 100*beam + i``. With
-    more than 10 beams a beam reaches into the next chunk's offsets; with more than 100 children per beam a
+    more than 10 beams a beam reaches into the next chunk's offsets; with more than 101 children per beam a
     child reaches into the next beam's."""
     owner: dict[int, tuple[int, int]] = {}
     for k in range(beams):
