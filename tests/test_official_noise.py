@@ -206,3 +206,16 @@ def test_portable_run_matches_the_recording_made_before_noise_modes(engine):
     assert result.frames.shape == old["frames"].shape
     assert (result.frames.int() - old["frames"].int()).abs().max() <= 1  # float noise of later kernels only
     assert (result.frames == old["frames"]).float().mean() > 0.99
+
+
+def test_cli_flags_reach_the_search_config():
+    from streamt1_engine.cli import build_parser, search_config
+
+    parser = build_parser()
+    default = search_config(parser.parse_args(["generate", "p", "--search", "stream_t1"]))
+    assert (default.noise_mode, default.reward_frames) == ("official", "cold")
+    chosen = search_config(parser.parse_args(["generate", "p", "--noise-mode", "portable",
+                                              "--reward-frames", "streamed"]))
+    assert (chosen.noise_mode, chosen.reward_frames) == ("portable", "streamed")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "p", "--noise-mode", "hashed"])

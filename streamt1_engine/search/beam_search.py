@@ -22,8 +22,8 @@ from ..errors import StreamT1Error
 from ..rewards.base import hybrid_weight, score
 from ..model.wan import ChunkAttention, TextContext
 from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
-from .config import SearchConfig
 from ..vae import decode_cold_windows
+from .config import SearchConfig
 from .noise import draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise, upstream_seeds
 
 
@@ -190,13 +190,11 @@ class BeamSearch:
 
     def _reward_inputs(self, parent_beams: list[Beam], parents: list[int], x0: torch.Tensor,
                        frames_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float frames for the short- and the long-term reward."""
-        if self.search.reward_frames == "streamed":
+        """Float frames for the short- and the long-term reward. Cold decodes are needed only for a VAE with a
+        decoder state, after chunk 0; otherwise the streamed decode is a cold one."""
+        if self.search.reward_frames == "streamed" or self.vae_state is None:
             return to_float(frames_u8), self._window_video(parent_beams, frames_u8)
-        # Cold decodes. At chunk 0, and for a VAE without a decoder state, the streamed decode is one.
         w = self.search.window_chunks
-        if self.vae_state is None:
-            return to_float(frames_u8), self._window_video(parent_beams, frames_u8)
         short_u8 = to_uint8(self.vae.decode_chunk(x0, None)[0], truncate=True)
         if w == 1:
             return to_float(short_u8), to_float(short_u8)
