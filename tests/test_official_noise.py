@@ -30,7 +30,7 @@ def engine():
     return StreamT1Engine.from_pretrained("random-tiny", device="cpu")
 
 
-def recorded_run(engine, monkeypatch, search, num_chunks=4, seed=11):
+def recorded_run(engine, monkeypatch, search, num_chunks=3, seed=11):
     """Generate with recording of every chunk's noise (what the denoiser is handed)."""
     drawn = []
     original = EagerDenoiser.denoise
@@ -43,6 +43,12 @@ def recorded_run(engine, monkeypatch, search, num_chunks=4, seed=11):
     result = engine.generate("a red circle", num_chunks=num_chunks, seed=seed, search=search,
                              short_reward=brightness, long_reward=smoothness, final_reward=smoothness)
     return result, drawn
+
+
+@pytest.fixture(scope="module")
+def official_run(engine):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return recorded_run(engine, monkeypatch, search())
 
 
 def search(**kw):
@@ -81,8 +87,8 @@ def test_upstream_draw_order_shape_and_dtype():
     assert not torch.equal(torch.randn(1, 4, 3, 5, 6, generator=g)[0], upstream_noise(7, shape, 1)[0][0])
 
 
-def test_seeds_follow_upstream_numbering(engine, monkeypatch):
-    result, _ = recorded_run(engine, monkeypatch, search())
+def test_seeds_follow_upstream_numbering(official_run):
+    result, _ = official_run
     records = result.chunks
     assert records[0].candidate_seeds == [11 + i for i in range(6)]
     for c in range(1, len(records)):
@@ -97,10 +103,12 @@ def test_seeds_follow_upstream_numbering(engine, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_official_draws_and_child_zero_redraws_its_parent(engine, monkeypatch, dtype):
-    eng = engine if dtype == "float32" else StreamT1Engine.from_pretrained("random-tiny", device="cpu",
-                                                                           dtype=dtype)
-    result, drawn = recorded_run(eng, monkeypatch, search())
+def test_official_draws_and_child_zero_redraws_its_parent(engine, official_run, monkeypatch, dtype):
+    if dtype == "float32":
+        eng, (result, drawn) = engine, official_run
+    else:  # the engine's dtype is the dtype upstream draws in
+        eng = StreamT1Engine.from_pretrained("random-tiny", device="cpu", dtype=dtype)
+        result, drawn = recorded_run(eng, monkeypatch, search())
     dt = getattr(torch, dtype)
     c_, f_, h_, w_ = result.latents.shape[0], 3, *result.latents.shape[2:]
     shape = (c_, f_, h_, w_)
