@@ -5,8 +5,10 @@ every chunk gets a fresh ``torch.Generator(device).manual_seed(seed)`` and draws
 noise ``[1, F, C, H, W]`` and one re-noise ``[F, C, H, W]`` per later denoising step, in the model's dtype;
 the context pass draws nothing. Seeds are numbered as upstream: ``seed + i`` at chunk 0,
 ``seed + 1000*chunk + 100*beam + i`` for a beam's child ``i >= 1`` later, and child 0 reuses its beam's last
-seed, so it redraws its parent's raw noise and re-noise. The same device and seed give upstream's noise bit
-for bit; another device gives other noise.
+seed, so it redraws its parent's raw noise and re-noise (with one beam of one child, as in ``none``, every
+chunk redraws the same noise). The same device, dtype and seed give upstream's noise bit for bit; another
+device gives other noise. The numbering gives different candidates the same seed beyond 10 beams, about
+100 children per beam, or 1001 first-chunk candidates; ``SearchConfig`` refuses those shapes.
 
 ``portable`` draws on the CPU from a hash of (candidate seed, chunk), so a seed gives the same noise on
 every device; new seeds are numbered consecutively.
