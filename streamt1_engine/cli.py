@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import STREAM_PRESETS
 from .errors import StreamT1Error
-from .search.config import SHORT_HISTORIES, STRATEGIES, SearchConfig
+from .search.config import NOISE_MODES, REWARD_FRAMES, SHORT_HISTORIES, STRATEGIES, SearchConfig
 
 log = logging.getLogger("streamt1")
 
@@ -31,6 +31,12 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-memory-sinking", action="store_true", help="ablation: fixed sink, evictions discarded")
     g.add_argument("--short-history", choices=SHORT_HISTORIES, default=d.short_history,
                    help="routing's short-score baseline: lineage (upstream: every earlier chunk) or window (last W)")
+    g.add_argument("--noise-mode", choices=NOISE_MODES, default=d.noise_mode,
+                   help="official: the reference code's per-candidate device generators and seed numbering (the "
+                        "paper's noise); portable: hashed CPU noise, the same on every device")
+    g.add_argument("--reward-frames", choices=REWARD_FRAMES, default=d.reward_frames,
+                   help="cold: rewards see the chunk and the window decoded from a cold VAE state, truncated to "
+                        "uint8 (the paper's); streamed: reuse the streamed frames (faster)")
     g.add_argument("--short-reward", default=None, help="short-term reward name (see docs)")
     g.add_argument("--long-reward", default=None, help="long-term reward name")
     g.add_argument("--final-reward", default=None, help="reward that picks the final beam (default: long)")
@@ -84,7 +90,8 @@ def search_config(args) -> SearchConfig:
                         long_threshold=args.long_threshold, fusion_cap=args.fusion_cap, ema_alpha=args.ema_alpha,
                         noise_propagation=not args.no_noise_propagation,
                         reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking,
-                        short_history=args.short_history)
+                        short_history=args.short_history, noise_mode=args.noise_mode,
+                        reward_frames=args.reward_frames)
 
 
 def upstream_defaults(path: str) -> dict:

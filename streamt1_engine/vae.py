@@ -180,6 +180,26 @@ class SpaceToDepthVAE:
         return latents.permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
 
 
+def decode_cold_windows(vae, prefixes: torch.Tensor | None, latents: torch.Tensor,
+                        prefix_index: torch.Tensor) -> torch.Tensor:
+    """Decode every candidate's window ``prefixes[prefix_index[n]] ++ latents[n]`` from a cold decoder state.
+
+    Candidates that share a prefix (siblings of one beam) share its decode: the P prefixes [P, C, Fp, h, w]
+    are decoded once, batched, then all N candidates [N, C, F, h, w] continue from their prefix's state in
+    one batched call. Equals decoding each window alone, since a causal decoder's output for a frame depends
+    only on the frames before it. Works for any VAE with ``decode_chunk`` / ``select_state``; returns float
+    frames [N, T, 3, H, W] in [0, 1]."""
+    if prefixes is None or prefixes.shape[2] == 0:
+        return vae.decode_chunk(latents, None)[0]
+    require(prefix_index.dim() == 1 and prefix_index.shape[0] == latents.shape[0],
+            f"prefix_index needs one prefix per candidate ({latents.shape[0]}), got shape {tuple(prefix_index.shape)}")
+    head, state = vae.decode_chunk(prefixes, None)
+    index = prefix_index.to(head.device)
+    state = vae.select_state(state, index) if state is not None else None
+    tail, _ = vae.decode_chunk(latents, state)
+    return torch.cat([head.index_select(0, index), tail], dim=1)
+
+
 VAES = ComponentRegistry("VAE")
 register_vae = VAES.register
 build_vae = VAES.build

@@ -28,4 +28,17 @@ def make_cache(model: CausalWanDiT, stream: StreamConfig, num_pages: int = 32) -
     return PagedKVCache(model.config, stream, num_pages, torch.device("cpu"), torch.float32)
 
 
-__all__ = ["BeamPages", "RouteFlag", "tiny_model", "text_context", "make_cache"]
+def upstream_noise(seed: int, shape, num_steps: int, dtype=torch.float32, device="cpu"):
+    """What the Stream-T1 reference draws for one candidate, in the engine's layout: a fresh generator on the
+    device, initial noise [1, F, C, H, W], then one [F, C, H, W] re-noise per later step, in ``dtype``.
+    Returns (initial [1, C, F, h, w], renoise [S-1, 1, C, F, h, w])."""
+    c, f, h, w = shape
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    initial = torch.randn(1, f, c, h, w, device=device, dtype=dtype, generator=g).permute(0, 2, 1, 3, 4)
+    renoise = [torch.randn(f, c, h, w, device=device, dtype=dtype, generator=g).permute(1, 0, 2, 3)
+               for _ in range(num_steps - 1)]
+    return initial, torch.stack(renoise)[:, None] if renoise else torch.empty(0, 1, c, f, h, w, dtype=dtype)
+
+
+__all__ = ["BeamPages", "RouteFlag", "tiny_model", "text_context", "make_cache", "upstream_noise"]

@@ -2,14 +2,17 @@
 import dataclasses
 from types import SimpleNamespace
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
-from helpers import BeamPages, RouteFlag, make_cache, text_context, tiny_model
+from helpers import BeamPages, RouteFlag, make_cache, text_context, tiny_model, upstream_noise
 from streamt1_engine.config import SamplerConfig, StreamConfig
 from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.model.wan import ChunkAttention
-from streamt1_engine.sampler import context_pass, denoise_chunk, make_schedule
+from streamt1_engine.sampler import ChunkNoise, context_pass, denoise_chunk, make_schedule
 from streamt1_engine.rewards import hybrid_weight
 from streamt1_engine.search.beam_search import BeamSearch, to_float, to_uint8
 from streamt1_engine.search.config import SearchConfig
@@ -101,22 +104,31 @@ def run_sequential(search: SearchConfig, num_chunks, seed=7):
         if c == 0:
             cands = [(beams[0], seed + j) for j in range(search.first_chunk_candidates)]
         else:
-            for beam in beams:
+            for k, beam in enumerate(beams):
                 for j in range(search.children_per_beam):
-                    s = beam.chunks[-1][0] if j == 0 else next_seed
-                    next_seed += 0 if j == 0 else 1
+                    if search.noise_mode == "official":  # upstream: seed + 1000*chunk + 100*beam + i
+                        s = beam.chunks[-1][0] if j == 0 else seed + 1000 * c + 100 * k + j
+                    else:
+                        s = beam.chunks[-1][0] if j == 0 else next_seed
+                        next_seed += 0 if j == 0 else 1
                     cands.append((beam, s))
         results = []
         for beam, s in cands:  # strictly one at a time
-            noise = draw_chunk_noise([s], c, shape, SCHEDULE.num_steps, "cpu")
-            if search.propagates_noise and c > 0:
-                noise.initial = propagate_noise(beam.chunks[-1][3][None], noise.initial, search.noise_sigma)
+            if search.noise_mode == "official":
+                noise = ChunkNoise(*upstream_noise(s, shape, SCHEDULE.num_steps))
+                if search.propagates_noise and c > 0:
+                    sigma = search.noise_sigma
+                    noise.initial = sigma * beam.chunks[-1][3][None] + math.sqrt(1 - sigma**2) * noise.initial
+            else:
+                noise = draw_chunk_noise([s], c, shape, SCHEDULE.num_steps, "cpu")
+                if search.propagates_noise and c > 0:
+                    noise.initial = propagate_noise(beam.chunks[-1][3][None], noise.initial, search.noise_sigma)
             cache, pages = private_cache(model, beam)
             table, counts = cache.page_table([pages])
             attn = ChunkAttention(cache.pool, table, counts, torch.tensor([c * 3]))
             with torch.no_grad():
                 x0 = denoise_chunk(model, SCHEDULE, noise, text, attn)
-            frames = torch.cat([to_uint8(vae.decode_chunk(x0, None)[0])])
+            frames = torch.cat([to_uint8(vae.decode_chunk(x0, None)[0], truncate=search.reward_frames == "cold")])
             short = float(brightness(to_float(frames), "p")[0])
             history = [ch[1] for ch in beam.chunks][-(search.window_chunks - 1):]
             window = to_float(torch.cat(history + [frames[0]])[None])
@@ -163,13 +175,17 @@ def run_sequential(search: SearchConfig, num_chunks, seed=7):
 
 
 SEARCH = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, window_chunks=3, short_threshold=-0.05,
-                      long_threshold=0.0, ema_alpha=0.7)
+                      long_threshold=0.0, ema_alpha=0.7, noise_mode="portable", reward_frames="streamed")
 
 
-@pytest.mark.parametrize("short_history", ["lineage", "window"])
-def test_batched_beam_search_matches_sequential_reference(short_history):
+@pytest.mark.parametrize("modes", [
+    dict(short_history="lineage", noise_mode="portable", reward_frames="streamed"),
+    dict(short_history="window", noise_mode="portable", reward_frames="streamed"),
+    dict(short_history="lineage", noise_mode="official", reward_frames="cold"),
+], ids=["lineage-portable-streamed", "window-portable-streamed", "lineage-official-cold"])
+def test_batched_beam_search_matches_sequential_reference(modes):
     num_chunks = 8
-    search = dataclasses.replace(SEARCH, short_history=short_history)
+    search = dataclasses.replace(SEARCH, **modes)
     runner, cache, best = run_batched(search, num_chunks)
     log, ref_beams, ref_best = run_sequential(search, num_chunks)
     flags_seen = set()

@@ -4,6 +4,9 @@ One ``step`` per chunk: fork B children per beam (B*K for the first chunk), draw
 from the parent's), denoise all of them together, decode each once from its parent's VAE state, score
 short- and long-term rewards, keep the top K, run the clean context pass for the survivors only, route
 their pages for memory sinking, and release everything the pruned candidates referenced at once.
+With ``reward_frames="cold"`` the rewards see what the reference shows them: the chunk decoded alone and
+the window decoded from its first chunk, both from a cold VAE state (siblings share their beam's decoded
+window prefix); the output video stays the streamed decode.
 ``none`` and ``best_of_n`` are the same loop with other shapes and units switched off.
 """
 from __future__ import annotations
@@ -19,8 +22,9 @@ from ..errors import StreamT1Error
 from ..rewards.base import hybrid_weight, score
 from ..model.wan import ChunkAttention, TextContext
 from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
+from ..vae import decode_cold_windows
 from .config import SearchConfig
-from .noise import draw_chunk_noise, propagate_noise
+from .noise import draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise, upstream_seeds
 
 
 @dataclass
@@ -30,7 +34,7 @@ class ChunkNode:
     index: int
     seed: int
     parent: "ChunkNode | None"
-    latents: torch.Tensor  # [C, F, h, w] float32, device
+    latents: torch.Tensor  # [C, F, h, w] float32; the last window_chunks - 1 of a beam feed its cold window decode
     frames: torch.Tensor  # [T, H, W, 3] uint8, device
     initial_noise: torch.Tensor  # [C, F, h, w], what noise propagation hands to children
     short: float | None = None
@@ -74,9 +78,11 @@ class ChunkRecord:
         return dict(self.__dict__)
 
 
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+def to_uint8(frames: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]; ``truncate`` as the reference's PNG / MP4
+    writers do (``(255 * x).astype(uint8)``), otherwise rounded."""
+    scaled = frames.clamp(0, 1) * 255
+    return (scaled if truncate else scaled.round()).to(torch.uint8).permute(0, 1, 3, 4, 2)
 
 
 def to_float(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -121,6 +127,7 @@ class BeamSearch:
         self.vae_state: Any = None  # batched over beams, in beam order
         self.records: list[ChunkRecord] = []
         self.chunk_index = 0
+        self.noise_dtype = cache.pool.k.dtype  # upstream draws in the dtype its model and KV cache run in
         self._next_seed = seed + search.first_chunk_candidates
         self._rng = random.Random(seed)
         if search.uses_rewards and (short_reward is None or long_reward is None):
@@ -131,6 +138,11 @@ class BeamSearch:
         if self.chunk_index == 0:
             n = self.search.first_chunk_candidates
             return [self.seed + j for j in range(n)], [0] * n
+        if self.search.noise_mode == "official":
+            b = self.search.children_per_beam
+            seeds = upstream_seeds(self.seed, self.chunk_index, [beam.node.seed for beam in self.beams], b,
+                                   self.search.first_chunk_candidates)
+            return seeds, [k for k in range(len(self.beams)) for _ in range(b)]
         seeds, parents = [], []
         for k, beam in enumerate(self.beams):
             for j in range(self.search.children_per_beam):
@@ -143,10 +155,18 @@ class BeamSearch:
         return seeds, parents
 
     def _noise(self, seeds: list[int], parents: list[int]) -> ChunkNoise:
-        noise = draw_chunk_noise(seeds, self.chunk_index, self.latent_shape, self.schedule.num_steps, self.device)
+        """All of the chunk's noise, drawn before denoising (graph replays need it pre-drawn)."""
+        official = self.search.noise_mode == "official"
+        if official:
+            noise = draw_upstream_noise(seeds, self.latent_shape, self.schedule.num_steps, self.device,
+                                        self.noise_dtype)
+        else:
+            noise = draw_chunk_noise(seeds, self.chunk_index, self.latent_shape, self.schedule.num_steps,
+                                     self.device)
         if self.search.propagates_noise and self.chunk_index > 0:
             parent_noise = torch.stack([self.beams[p].node.initial_noise for p in parents])
-            noise.initial = propagate_noise(parent_noise, noise.initial, self.search.noise_sigma)
+            fuse = fuse_upstream_noise if official else propagate_noise
+            noise.initial = fuse(parent_noise, noise.initial, self.search.noise_sigma)
         return noise
 
     def _attention(self, parent_beams: list[Beam], write_pages=None) -> ChunkAttention:
@@ -160,13 +180,30 @@ class BeamSearch:
 
     # -- scoring and selection --------------------------------------------------------------------
     def _window_video(self, parent_beams: list[Beam], frames_u8: torch.Tensor) -> torch.Tensor:
-        """Each candidate's last ``window_chunks`` chunks as one clip, reusing decoded parent frames."""
+        """Each candidate's last ``window_chunks`` chunks as one clip, reusing the streamed parent frames."""
         clips = []
         for beam, own in zip(parent_beams, frames_u8):
             history = beam.node.lineage()[-(self.search.window_chunks - 1):] if (
                 beam.node is not None and self.search.window_chunks > 1) else []
             clips.append(torch.cat([n.frames for n in history] + [own], dim=0))
         return to_float(torch.stack(clips))
+
+    def _reward_inputs(self, parent_beams: list[Beam], parents: list[int], x0: torch.Tensor,
+                       frames_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float frames for the short- and the long-term reward. Cold decodes are needed only for a VAE with a
+        decoder state, after chunk 0; otherwise the streamed decode is a cold one."""
+        if self.search.reward_frames == "streamed" or self.vae_state is None:
+            return to_float(frames_u8), self._window_video(parent_beams, frames_u8)
+        w = self.search.window_chunks
+        short_u8 = to_uint8(self.vae.decode_chunk(x0, None)[0], truncate=True)
+        if w == 1:
+            return to_float(short_u8), to_float(short_u8)
+        if self.chunk_index < w:  # the window starts at frame 0: its cold decode is the streamed one
+            return to_float(short_u8), self._window_video(parent_beams, frames_u8)
+        prefixes = torch.stack([torch.cat([n.latents.to(self.device) for n in beam.node.lineage()[-(w - 1):]],
+                                          dim=1) for beam in self.beams])
+        window = decode_cold_windows(self.vae, prefixes, x0, torch.tensor(parents, device=self.device))
+        return to_float(short_u8), to_float(to_uint8(window, truncate=True))
 
     def _select(self, hybrid: torch.Tensor | None, n: int) -> list[int]:
         k = min(self.search.survivors, n)
@@ -205,14 +242,15 @@ class BeamSearch:
             if self.vae_state is not None:
                 state = self.vae.select_state(self.vae_state, torch.tensor(parents, device=self.device))
             frames, new_state = self.vae.decode_chunk(x0, state)
-        frames_u8 = to_uint8(frames)
+        frames_u8 = to_uint8(frames, truncate=search.reward_frames == "cold")
 
         short = long = hybrid = None
         weight = None
         if search.uses_rewards:
             with self._range("rewards"):
-                short = score(self.short_reward, to_float(frames_u8), self.prompt)
-                long = score(self.long_reward, self._window_video(parent_beams, frames_u8), self.prompt)
+                short_in, long_in = self._reward_inputs(parent_beams, parents, x0, frames_u8)
+                short = score(self.short_reward, short_in, self.prompt)
+                long = score(self.long_reward, long_in, self.prompt)
                 chunk_frames = self.latent_shape[1]
                 weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
                                        search.fusion_cap)
@@ -284,6 +322,8 @@ class BeamSearch:
         return common
 
     def choose_final(self, final_reward: RewardFn | None) -> tuple[int, list[float] | None]:
+        """Score each beam's whole video. The reference decodes it from frame 0, which gives the streamed
+        frames (quantised as the mode quantises them: truncated when ``reward_frames="cold"``)."""
         if len(self.beams) == 1 or final_reward is None:
             return 0, None
         videos = torch.stack([to_float(torch.cat([n.frames.to(self.device) for n in b.node.lineage()]))

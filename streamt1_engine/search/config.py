@@ -5,9 +5,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import require
+from .noise import upstream_seed_collision
 
 STRATEGIES = ("none", "best_of_n", "stream_t1")
 SHORT_HISTORIES = ("lineage", "window")
+NOISE_MODES = ("official", "portable")
+REWARD_FRAMES = ("cold", "streamed")
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,13 @@ class SearchConfig:
     """``none``: plain streaming (one candidate). ``best_of_n``: per chunk keep the best of ``num_candidates``
     (no noise propagation, no memory sinking). ``stream_t1``: beam search with ``beam_size`` children per
     beam and ``top_k`` survivors, noise propagation, hybrid short/long rewards and reward-gated sinking.
-    Each Stream-T1 unit can be switched off alone for ablations."""
+    Each Stream-T1 unit can be switched off alone for ablations.
+
+    ``noise_mode``: "official" draws the reference code's noise with its seed numbering (what the paper
+    ran; see ``search.noise``), "portable" the engine's device-independent hashed noise. ``reward_frames``:
+    "cold" shows the rewards what the reference shows them (the chunk, and the last ``window_chunks``
+    chunks, decoded from a cold VAE state and truncated to uint8, as are the output frames), "streamed"
+    reuses the streamed frames (rounded to uint8) for both."""
 
     strategy: str = "stream_t1"
     beam_size: int = 2
@@ -33,6 +42,8 @@ class SearchConfig:
     # routing's short-score baseline: "lineage" = upstream's mean over the whole lineage (its slice
     # [max(0, 1 - W):] always starts at 0, which looks unintended); "window" = the last window_chunks chunks
     short_history: str = "lineage"
+    noise_mode: str = "official"
+    reward_frames: str = "cold"
 
     def __post_init__(self):
         require(self.strategy in STRATEGIES, f"unknown search strategy {self.strategy!r}; choose one of {STRATEGIES}")
@@ -45,6 +56,15 @@ class SearchConfig:
         require(0.0 <= self.ema_alpha <= 1.0, "ema_alpha must lie in [0, 1]")
         require(self.short_history in SHORT_HISTORIES,
                 f"unknown short_history {self.short_history!r}; choose one of {SHORT_HISTORIES}")
+        require(self.noise_mode in NOISE_MODES, f"unknown noise_mode {self.noise_mode!r}; choose one of {NOISE_MODES}")
+        require(self.reward_frames in REWARD_FRAMES,
+                f"unknown reward_frames {self.reward_frames!r}; choose one of {REWARD_FRAMES}")
+        if self.noise_mode == "official":
+            clash = upstream_seed_collision(self.children_per_beam, self.survivors, self.first_chunk_candidates)
+            require(clash is None,
+                    f"noise_mode='official' numbers seeds as the reference code does (seed + 1000*chunk + "
+                    f"100*beam + i), which gives two candidates the same seed and noise here ({clash}); keep "
+                    f"top_k <= 10 and beam_size <= 100, or use noise_mode='portable'")
 
     @classmethod
     def named(cls, strategy: str, **overrides) -> "SearchConfig":

@@ -1,8 +1,22 @@
-"""Per-candidate noise: every candidate owns a seed, every chunk a generator derived from it.
+"""Per-candidate noise, in one of two modes (``SearchConfig.noise_mode``).
 
-Noise is drawn on the CPU so a seed gives the same video on any device. Stream-T1's noise propagation
-mixes the parent beam's initial noise into the child's: ``sigma * parent + sqrt(1 - sigma^2) * fresh``,
-which stays unit-variance Gaussian because the two parts are independent.
+``official`` draws what the Stream-T1 reference code draws, which is what the paper ran: every candidate of
+every chunk gets a fresh ``torch.Generator(device).manual_seed(seed)`` and draws, in this order, its initial
+noise ``[1, F, C, H, W]`` and one re-noise ``[F, C, H, W]`` per later denoising step, in the model's dtype;
+the context pass draws nothing. Seeds are numbered as upstream: ``seed + i`` at chunk 0,
+``seed + 1000*chunk + 100*beam + i`` for a beam's child ``i >= 1`` later, and child 0 reuses its beam's last
+seed, so it redraws its parent's raw noise and re-noise (with one beam of one child, as in ``none``, every
+chunk redraws the same noise). The same device, dtype and seed give upstream's noise bit for bit; another
+device gives other noise. The numbering gives different candidates the same seed beyond 10 beams, about
+100 children per beam, or 1001 first-chunk candidates; ``SearchConfig`` refuses those shapes.
+
+``portable`` draws on the CPU from a hash of (candidate seed, chunk), so a seed gives the same noise on
+every device; new seeds are numbered consecutively.
+
+Noise propagation mixes the parent beam's (fused) initial noise into the child's:
+``sigma * parent + sqrt(1 - sigma^2) * fresh``. For independent parts that stays unit-variance Gaussian; in
+official mode child 0's fresh part is its parent's own raw draw, so its noise is not independent of the
+parent's (at chunk 1 it is ``(sigma + sqrt(1 - sigma^2))`` times the parent's draw), as upstream has it.
 """
 from __future__ import annotations
 
@@ -13,6 +27,8 @@ import torch
 from ..sampler import ChunkNoise
 
 _MIX = 0x9E3779B97F4A7C15
+
+CHUNK_STRIDE, BEAM_STRIDE = 1000, 100  # upstream's seed numbering
 
 
 def chunk_seed(seed: int, chunk_index: int) -> int:
@@ -26,7 +42,7 @@ def chunk_seed(seed: int, chunk_index: int) -> int:
 
 def draw_chunk_noise(seeds: list[int], chunk_index: int, shape: tuple[int, ...], num_steps: int,
                      device) -> ChunkNoise:
-    """Initial noise [N, *shape] and re-noise [S-1, N, *shape], one generator per candidate."""
+    """Portable noise: initial [N, *shape] and re-noise [S-1, N, *shape], one CPU generator per candidate."""
     initial, renoise = [], []
     for seed in seeds:
         gen = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, chunk_index))
@@ -39,3 +55,56 @@ def draw_chunk_noise(seeds: list[int], chunk_index: int, shape: tuple[int, ...],
 
 def propagate_noise(parent_noise: torch.Tensor, fresh: torch.Tensor, sigma: float) -> torch.Tensor:
     return sigma * parent_noise + math.sqrt(1.0 - sigma * sigma) * fresh
+
+
+def upstream_seeds(seed: int, chunk_index: int, beam_last_seeds: list[int], children_per_beam: int,
+                   first_chunk_candidates: int) -> list[int]:
+    """Candidate seeds of one chunk, beam after beam, numbered as the reference code numbers them."""
+    if chunk_index == 0:
+        return [seed + i for i in range(first_chunk_candidates)]
+    base = seed + CHUNK_STRIDE * chunk_index
+    return [last if i == 0 else base + BEAM_STRIDE * beam + i
+            for beam, last in enumerate(beam_last_seeds) for i in range(children_per_beam)]
+
+
+def upstream_seed_collision(children_per_beam: int, beams: int, first_chunk_candidates: int) -> str | None:
+    """Where upstream's numbering gives two different candidates the same seed (so the same noise), or None.
+
+    Offsets from ``seed``: chunk 0 uses ``0 .. first-1``, chunk c >= 1 uses ``1000*c + 100*beam + i``. With
+    more than 10 beams a beam reaches into the next chunk's offsets; with more than 101 children per beam a
+    child reaches into the next beam's."""
+    owner: dict[int, tuple[int, int]] = {}
+    for k in range(beams):
+        for i in range(1, children_per_beam):
+            offset = BEAM_STRIDE * k + i
+            if offset in owner:
+                k2, i2 = owner[offset]
+                return f"beam {k} child {i} and beam {k2} child {i2} of one chunk"
+            owner[offset] = (k, i)
+    for offset, (k, i) in owner.items():
+        if offset - CHUNK_STRIDE in owner:
+            k2, i2 = owner[offset - CHUNK_STRIDE]
+            return f"beam {k} child {i} of chunk c and beam {k2} child {i2} of chunk c+1"
+    if owner and min(owner) + CHUNK_STRIDE < first_chunk_candidates:
+        return f"candidate {min(owner) + CHUNK_STRIDE} of chunk 0 and a child of chunk 1"
+    return None
+
+
+def draw_upstream_noise(seeds: list[int], shape: tuple[int, int, int, int], num_steps: int, device,
+                        dtype: torch.dtype) -> ChunkNoise:
+    """Official noise, drawn as upstream draws it and returned in the engine's [N, C, F, h, w] layout."""
+    c, f, h, w = shape
+    initial, renoise = [], []
+    for seed in seeds:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        first = torch.randn((1, f, c, h, w), generator=gen, device=device, dtype=dtype)
+        initial.append(first[0].transpose(0, 1))
+        renoise.append(torch.stack([torch.randn((f, c, h, w), generator=gen, device=device, dtype=dtype)
+                                    .transpose(0, 1) for _ in range(num_steps - 1)])
+                       if num_steps > 1 else torch.empty((0, c, f, h, w), device=device, dtype=dtype))
+    return ChunkNoise(torch.stack(initial).contiguous(), torch.stack(renoise, dim=1).contiguous())
+
+
+def fuse_upstream_noise(parent_noise: torch.Tensor, fresh: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Upstream's fusion, same expression in the noise's own dtype (bf16 there)."""
+    return sigma * parent_noise + math.sqrt(1 - sigma**2) * fresh
