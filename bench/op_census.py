@@ -252,12 +252,13 @@ def _fused_launch(name: str, args, out, unique_pages: int | None) -> Launch:
 
 # -- one chunk forward on meta ------------------------------------------------------------------------------
 def chunk_forward_census(cfg, stream, n: int, *, fused: bool = True, context_pass: bool = False,
-                         dtype=torch.bfloat16, model=None) -> Census:
+                         dtype=torch.bfloat16, model=None, device="meta") -> Census:
     """One forward of ``n`` candidates of one chunk at the steady state of a long stream: a full sink
-    (shared) and a full window per beam (``n // 2`` beams of B = 2 children, as Stream-T1 at B = 2)."""
+    (shared) and a full window per beam (``n // 2`` beams of B = 2 children, as Stream-T1 at B = 2).
+    ``device`` other than meta runs the forward for real (tests compare the two censuses)."""
     from streamt1_engine.model.wan import CausalWanDiT, ChunkAttention, KVPool
 
-    device = torch.device("meta")
+    device = torch.device(device)
     if model is None:
         with torch.device(device):
             model = CausalWanDiT(cfg).to(dtype)
@@ -275,10 +276,13 @@ def chunk_forward_census(cfg, stream, n: int, *, fused: bool = True, context_pas
                           torch.full((n,), sink + window, dtype=torch.int32).to(device),
                           torch.full((n,), 40 * stream.chunk_frames, dtype=torch.long).to(device), write,
                           backend="triton" if fused else "torch")
-    latents = torch.empty(n, cfg.in_channels, stream.chunk_frames, stream.latent_height, stream.latent_width,
+    latents = torch.randn(n, cfg.in_channels, stream.chunk_frames, stream.latent_height, stream.latent_width,
                           device=device, dtype=dtype)
-    timestep = torch.empty(n, device=device)
-    text = model.encode_text(torch.empty(1, cfg.text_len, cfg.text_dim, device=device))
+    timestep = torch.full((n,), 500.0, device=device)
+    text = model.encode_text(torch.randn(1, cfg.text_len, cfg.text_dim, device=device))
+    from streamt1_engine.model.wan import gemm_gelu_is_tanh
+
+    gemm_gelu_is_tanh(device)  # probed once per process, not per forward
     rope = model.rope  # tables are built once per process, not per forward
     rope.spatial_tables(stream.latent_height // cfg.patch_size[1], stream.latent_width // cfg.patch_size[2])
     census = Census()

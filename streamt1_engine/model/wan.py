@@ -99,6 +99,32 @@ def glue_backend(attn: "ChunkAttention") -> str:
     return "triton" if attn.backend.startswith("triton") else "torch"
 
 
+_GEMM_GELU_IS_TANH: dict[str, bool] = {"meta": True}  # meta: the census counts what CUDA launches
+
+
+def gemm_gelu_is_tanh(device: torch.device) -> bool:
+    """Whether ``torch._addmm_activation(..., use_gelu=True)`` applies the tanh GELU on ``device``.
+
+    cuBLASLt's GELU epilogue (and PyTorch's CUDA fallback) is the tanh approximation; the CPU kernel applies
+    the exact erf GELU. Probed once per device on a small fp32 product rather than assumed; not while a CUDA
+    graph is being captured (a probe needs the host), where the answer is "no" until the next eager call.
+    """
+    key = str(device)
+    if key not in _GEMM_GELU_IS_TANH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        a, w = torch.randn(8, 16, generator=gen), torch.randn(16, 16, generator=gen) * 0.6
+        b = torch.linspace(-2.5, 2.5, 16)
+        a, w, b = a.to(device), w.to(device), b.to(device)
+        fused = torch._addmm_activation(b, a, w, use_gelu=True)
+        pre = torch.addmm(b, a, w)
+        tanh_err = (fused - F.gelu(pre, approximate="tanh")).abs().max()
+        erf_err = (fused - F.gelu(pre)).abs().max()
+        _GEMM_GELU_IS_TANH[key] = bool(tanh_err < erf_err)
+    return _GEMM_GELU_IS_TANH[key]
+
+
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
@@ -230,9 +256,14 @@ class WanBlock(nn.Module):
         return x
 
     def _ffn_gelu_epilogue(self, h: torch.Tensor) -> torch.Tensor:
-        """``self.ffn(h)`` with bias + tanh-GELU in the first GEMM's epilogue (cuBLASLt on CUDA)."""
+        """``self.ffn(h)`` with bias + tanh-GELU in the first GEMM's epilogue (cuBLASLt on CUDA), where the
+        device's ``_addmm_activation`` computes Wan's tanh GELU; a GEMM and a GELU launch elsewhere."""
         fc1, fc2 = self.ffn[0], self.ffn[2]
-        hidden = torch._addmm_activation(fc1.bias, h.flatten(0, 1), fc1.weight.t(), use_gelu=True)
+        flat = h.flatten(0, 1)
+        if gemm_gelu_is_tanh(flat.device):
+            hidden = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
+        else:
+            hidden = F.gelu(F.linear(flat, fc1.weight, fc1.bias), approximate="tanh")
         return fc2(hidden).view(*h.shape[:-1], -1)
 
 
