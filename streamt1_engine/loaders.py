@@ -45,7 +45,7 @@ def random_tiny_parts(device, dtype, seed: int = 0) -> ModelParts:
     return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, SamplerConfig()), fps=8, name="random-tiny")
 
 
-def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
+def _engine_dir_parts(directory: Path, device, dtype, lora, vae_dtype=None) -> ModelParts:
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
     from .vae import build_vae
@@ -68,17 +68,19 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
     model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, device="cpu", dtype=torch.float32,
                      max_frames=stream.max_frames)
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
-    vae = build_vae(spec["vae"], directory, device, torch.float32)
+    vae = build_vae(spec["vae"], directory, device, vae_dtype)
     return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=int(spec.get("fps", 16)),
                       name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
 
 
 def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None,
-               stream: StreamConfig | None = None) -> ModelParts:
+               stream: StreamConfig | None = None, vae_dtype=None) -> ModelParts:
+    """``vae_dtype``: what a Wan VAE decodes in (None: bf16 on CUDA as the upstream pipelines, else float32;
+    a spec's own ``"dtype"`` wins)."""
     if source == "tiny":
         _register_builtin_components()
         if (BUILTIN_DIR / ENGINE_CONFIG_FILE).exists():
-            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora)
+            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora, vae_dtype)
             parts.name = "tiny"
         else:
             parts = random_tiny_parts(device, dtype)
@@ -90,15 +92,15 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         path = resolve_model_dir(source)
         if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
             _register_builtin_components()
-            parts = _engine_dir_parts(path, device, dtype, lora)
+            parts = _engine_dir_parts(path, device, dtype, lora, vae_dtype)
         else:
-            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora)
+            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora, vae_dtype)
     if stream is not None:
         parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
     return parts
 
 
-def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) -> ModelParts:
+def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, vae_dtype=None) -> ModelParts:
     """A Wan-architecture DiT from diffusers / original Wan / Self-Forcing / LongLive files."""
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
@@ -113,7 +115,7 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) 
     model = load_dit(str(path), lora=lora, use_ema=lora is None, device="cpu", dtype=torch.float32,
                      max_frames=WAN_STREAM.max_frames)
     text = build_text_encoder({"type": "umt5", "path": str(text_encoder or path)}, None, device, dtype)
-    decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, torch.float32)
+    decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, vae_dtype)
     return ModelParts(model, text, decoder, EngineConfig(model.config, WAN_STREAM, SamplerConfig()), fps=16,
                       name=source)
 
