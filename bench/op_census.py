@@ -280,9 +280,10 @@ def chunk_forward_census(cfg, stream, n: int, *, fused: bool = True, context_pas
                           device=device, dtype=dtype)
     timestep = torch.full((n,), 500.0, device=device)
     text = model.encode_text(torch.randn(1, cfg.text_len, cfg.text_dim, device=device))
-    from streamt1_engine.model.wan import gemm_gelu_is_tanh
+    import streamt1_engine.model.wan as wan
 
-    gemm_gelu_is_tanh(device)  # probed once per process, not per forward
+    if hasattr(wan, "gemm_gelu_is_tanh"):
+        wan.gemm_gelu_is_tanh(device)  # probed once per process, not per forward
     rope = model.rope  # tables are built once per process, not per forward
     rope.spatial_tables(stream.latent_height // cfg.patch_size[1], stream.latent_width // cfg.patch_size[2])
     census = Census()
