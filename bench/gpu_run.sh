@@ -151,7 +151,8 @@ EOF
 
 case " $steps " in
     *" env "*) ;;
-    *) install > "$results/install.log" 2>&1 || { rows+="| install | FAILED | 0 | see install.log |"$'\n'; status=1; } ;;
+    *) install > "$results/install.log" 2>&1 ||
+           { rows+="| install | FAILED | 0 | see install.log |"$'\n'; status=1; } ;;
 esac
 for name in $steps; do
     case $name in
@@ -160,7 +161,8 @@ for name in $steps; do
             backends=$(attention_backends 2> "$work/backends.err")
             [ -s "$work/backends.err" ] && notes+="- attention: $(cat "$work/backends.err")"$'\n'
             step attention 100 "providers: ${backends:-none}" \
-                "$py" bench/bench_attention.py --n 1 4 --backends ${backends:-triton} $sizes --out "$results/attention" ;;
+                "$py" bench/bench_attention.py --n 1 4 --backends ${backends:-triton} $sizes \
+                --out "$results/attention" ;;
         chunk) step chunk 100 "N = 1 4, eager + graphs" \
             "$py" bench/bench_chunk.py --n 1 4 --modes eager graphs $sizes --out "$results/chunk" ;;
         e2e)
@@ -200,7 +202,8 @@ done
 
 total=$(($(date +%s) - start))
 {
-    echo "# GPU run $(date -u +%F)$([ $dry_run -eq 1 ] && echo " (dry run: tiny sizes, CPU; numbers only show that it works)")"
+    dry_note=" (dry run: tiny sizes, CPU; numbers only show that it works)"
+    echo "# GPU run $(date -u +%F)$([ $dry_run -eq 1 ] && echo "$dry_note")"
     echo
     echo '```'
     sed -n '1,40p' "$results/env.log" 2> /dev/null | grep -v '^Obtaining\|^  ' || echo "(no env step)"

@@ -18,7 +18,7 @@ The engine's Triton kernels cannot run on meta, so the census *forces the CUDA d
 ``ChunkAttention.backend`` is ``triton`` (which is what selects the fused kernels on a GPU) and the kernel
 entry points the model calls (``FUSED_ENTRY_POINTS``) are replaced, for the duration of the census, by
 stand-ins that record one launch of that kernel and return outputs of the right shape, computed on meta
-by the torch reference with the census paused. ``--path unfused`` runs the plain-PyTorch path of every op.
+by the torch reference with the census paused. ``--paths unfused`` counts the plain-PyTorch path of every op.
 
     python bench/op_census.py                      # 1.3B, N = 1 and 4, fused and unfused
     python bench/op_census.py --tiny --n 1 --out DIR
@@ -251,45 +251,50 @@ def _fused_launch(name: str, args, out, unique_pages: int | None) -> Launch:
 
 
 # -- one chunk forward on meta ------------------------------------------------------------------------------
-def chunk_forward_census(cfg, stream, n: int, *, fused: bool = True, context_pass: bool = False,
-                         dtype=torch.bfloat16, model=None, device="meta") -> Census:
-    """One forward of ``n`` candidates of one chunk at the steady state of a long stream: a full sink
-    (shared) and a full window per beam (``n // 2`` beams of B = 2 children, as Stream-T1 at B = 2).
-    ``device`` other than meta runs the forward for real (tests compare the two censuses)."""
-    from streamt1_engine.model.wan import CausalWanDiT, ChunkAttention, KVPool
+def chunk_forward_inputs(cfg, stream, n: int, *, fused: bool = True, context_pass: bool = False,
+                         dtype=torch.bfloat16, model=None, device="meta"):
+    """(model, forward arguments, distinct pages read) of one forward of ``n`` candidates of one chunk at the
+    steady state of a long stream: a full sink (shared) and a full window per beam (``n // 2`` beams of
+    B = 2 children, as Stream-T1 at B = 2). What is built once per process is built here, not counted."""
+    import streamt1_engine.model.wan as wan
 
     device = torch.device(device)
     if model is None:
         with torch.device(device):
-            model = CausalWanDiT(cfg).to(dtype)
+            model = wan.CausalWanDiT(cfg).to(dtype)
     beams = max(1, n // 2)
     sink, window = stream.max_sink_pages, stream.window_pages
     parents = [i * beams // n for i in range(n)]
     # Page ids: sink 0..sink-1 shared; beam b's window after them; a fresh page per candidate for writes.
     table = [list(range(sink)) + [sink + b * window + j for j in range(window)] for b in parents]
     num_pool = sink + beams * window + n
-    page_tokens = stream.chunk_frames * (stream.latent_height // cfg.patch_size[1]) * (
-        stream.latent_width // cfg.patch_size[2])
-    pool = KVPool.allocate(cfg, num_pool, page_tokens, device, dtype)
+    grid_h, grid_w = stream.latent_height // cfg.patch_size[1], stream.latent_width // cfg.patch_size[2]
+    pool = wan.KVPool.allocate(cfg, num_pool, stream.chunk_frames * grid_h * grid_w, device, dtype)
     write = torch.arange(sink + beams * window, num_pool, device=device) if context_pass else None
-    attn = ChunkAttention(pool, torch.tensor(table, dtype=torch.int32).to(device),
-                          torch.full((n,), sink + window, dtype=torch.int32).to(device),
-                          torch.full((n,), 40 * stream.chunk_frames, dtype=torch.long).to(device), write,
-                          backend="triton" if fused else "torch")
+    attn = wan.ChunkAttention(pool, torch.tensor(table, dtype=torch.int32).to(device),
+                              torch.full((n,), sink + window, dtype=torch.int32).to(device),
+                              torch.full((n,), 40 * stream.chunk_frames, dtype=torch.long).to(device), write,
+                              backend="triton" if fused else "torch")
     latents = torch.randn(n, cfg.in_channels, stream.chunk_frames, stream.latent_height, stream.latent_width,
                           device=device, dtype=dtype)
     timestep = torch.full((n,), 500.0, device=device)
-    text = model.encode_text(torch.randn(1, cfg.text_len, cfg.text_dim, device=device))
-    import streamt1_engine.model.wan as wan
-
+    with torch.no_grad():
+        text = model.encode_text(torch.randn(1, cfg.text_len, cfg.text_dim, device=device))
     if hasattr(wan, "gemm_gelu_is_tanh"):
-        wan.gemm_gelu_is_tanh(device)  # probed once per process, not per forward
-    rope = model.rope  # tables are built once per process, not per forward
-    rope.spatial_tables(stream.latent_height // cfg.patch_size[1], stream.latent_width // cfg.patch_size[2])
+        wan.gemm_gelu_is_tanh(device)  # probed once per process
+    model.rope.spatial_tables(grid_h, grid_w)  # tables built once per process
+    return model, (latents, timestep, text, attn), len({p for row in table for p in row})
+
+
+def chunk_forward_census(cfg, stream, n: int, *, fused: bool = True, context_pass: bool = False,
+                         dtype=torch.bfloat16, model=None, device="meta") -> Census:
+    """The census of one forward (see :func:`chunk_forward_inputs`); ``device`` other than meta runs it for
+    real (the tests compare the two)."""
+    model, args, unique_pages = chunk_forward_inputs(cfg, stream, n, fused=fused, context_pass=context_pass,
+                                                     dtype=dtype, model=model, device=device)
     census = Census()
-    unique = len({p for row in table for p in row})
-    with torch.no_grad(), count_ops(census, unique_pages=unique):
-        model(latents, timestep, text, attn)
+    with torch.no_grad(), count_ops(census, unique_pages=unique_pages):
+        model(*args)
     return census
 
 

@@ -106,15 +106,17 @@ def gemm_gelu_is_tanh(device: torch.device) -> bool:
     """Whether ``torch._addmm_activation(..., use_gelu=True)`` applies the tanh GELU on ``device``.
 
     cuBLASLt's GELU epilogue (and PyTorch's CUDA fallback) is the tanh approximation; the CPU kernel applies
-    the exact erf GELU. Probed once per device on a small fp32 product rather than assumed; not while a CUDA
-    graph is being captured (a probe needs the host), where the answer is "no" until the next eager call.
+    the exact erf GELU. Probed once per device rather than assumed, on a product that is exact even in TF32
+    (small integers and eighths); not while a CUDA graph is being captured (a probe needs the host), where
+    the answer is "no" until the next eager call.
     """
     key = str(device)
     if key not in _GEMM_GELU_IS_TANH:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
         gen = torch.Generator().manual_seed(0)
-        a, w = torch.randn(8, 16, generator=gen), torch.randn(16, 16, generator=gen) * 0.6
+        a = torch.randint(-1, 2, (8, 16), generator=gen).float()
+        w = torch.randint(-2, 3, (16, 16), generator=gen).float() / 8
         b = torch.linspace(-2.5, 2.5, 16)
         a, w, b = a.to(device), w.to(device), b.to(device)
         fused = torch._addmm_activation(b, a, w, use_gelu=True)
@@ -239,9 +241,10 @@ class WanBlock(nn.Module):
         return x
 
     def _forward_fused(self, x, e, text_kv, rope: ChunkRope, attn: ChunkAttention, layer: int, glue: str):
-        """The same block with its glue in four fused launches (see ``kernels/residual_norm``) and the FFN's
-        GELU in the first GEMM's epilogue; the modulations are (learned row, timestep row) pairs summed
-        in float32 inside the kernels, as the unfused path sums them."""
+        """The same block with its glue in five fused launches (see ``kernels/residual_norm``; four around
+        the norms, one for the cross-attention q norm) and the FFN's GELU in the first GEMM's epilogue; the
+        modulations are (learned row, timestep row) pairs summed in float32 inside the kernels, as the
+        unfused path sums them."""
         shift1, scale1, gate1, shift2, scale2, gate2 = ((self.modulation[:, i], e[:, :, i]) for i in range(6))
         _, h = residual_norm(x, norm="layer", scale=scale1, shift=shift1, eps=self.norm1.eps, backend=glue)
         y = self.self_attn(h, rope, attn, layer)
