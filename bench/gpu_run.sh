@@ -156,7 +156,12 @@ case " $steps " in
 esac
 for name in $steps; do
     case $name in
-        env) step env 60 "versions; offline install of this checkout" environment ;;
+        env)
+            step env 60 "versions; offline install of this checkout" environment
+            has_module av || notes+="- no av: no video files are written; no number depends on it"$'\n'
+            has_module nvtx || notes+="- no nvtx: NVTX ranges use torch's own bindings; no number depends on it"$'\n'
+            has_module flash_attn || notes+="- no flash-attn: not timed (SDPA's own kernels are)"$'\n'
+            ;;
         attention)
             backends=$(attention_backends 2> "$work/backends.err")
             [ -s "$work/backends.err" ] && notes+="- attention: $(cat "$work/backends.err")"$'\n'
@@ -177,7 +182,7 @@ for name in $steps; do
                 ${sizes:+--tiny} --out "$results/e2e" ;;
         gpu_tests)
             per_test=""
-            if has_module pytest_timeout; then per_test="-p pytest_timeout --timeout=90"; else
+            if has_module pytest_timeout; then per_test="--timeout=90"; else
                 notes+="- gpu_tests: no pytest-timeout, only the step's own timeout applies"$'\n'; fi
             step gpu_tests 150 "STREAMT1_TRITON_AUTOTUNE=0 ${per_test:+, 90 s per test}" \
                 env STREAMT1_TRITON_AUTOTUNE=0 "$py" -m pytest -m gpu -q -rs $per_test tests ;;
