@@ -127,9 +127,10 @@ class TiledSpaceToDepthVAE:
         return None
 
 
-def build_vae(kind: str, cfg: WanConfig, device, seed: int = 0):
+def build_vae(kind: str, cfg: WanConfig, device, seed: int = 0, dtype=None):
     """``wan-random``: diffusers AutoencoderKLWan (Wan2.1 VAE architecture) with random weights, so the
-    decode cost is real; ``light``: ``TiledSpaceToDepthVAE`` (decode cost ~0)."""
+    decode cost is real, in ``dtype`` (default: the engine's, bf16 on CUDA); ``light``:
+    ``TiledSpaceToDepthVAE`` (decode cost ~0)."""
     if kind == "light":
         return TiledSpaceToDepthVAE(cfg.in_channels, 8, device)
     if kind == "wan-random":
@@ -144,7 +145,7 @@ def build_vae(kind: str, cfg: WanConfig, device, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoencoderKLWan(z_dim=cfg.in_channels)
-        return WanVAE(model, device=device, dtype=torch.float32)
+        return WanVAE(model, device=device, dtype=dtype)
     raise SystemExit(f"unknown --vae {kind!r} (use wan-random or light)")
 
 

@@ -56,7 +56,7 @@ def random_tiny_parts(device, dtype, seed: int = 0) -> ModelParts:
     return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, SamplerConfig()), fps=8, name="random-tiny")
 
 
-def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None) -> ModelParts:
+def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None, vae_dtype=None) -> ModelParts:
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
     from .vae import build_vae
@@ -80,21 +80,22 @@ def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None) -> 
                      dtype=torch.float32,
                      max_frames=stream.max_frames)
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
-    vae = build_vae(spec["vae"], directory, device, torch.float32)
+    vae = build_vae(spec["vae"], directory, device, vae_dtype)
     return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=int(spec.get("fps", 16)),
                       name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
 
 
 def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None, lora_alpha=None,
-               stream: StreamConfig | None = None, stream_preset: str | None = None,
+               vae_dtype=None, stream: StreamConfig | None = None, stream_preset: str | None = None,
                sampler: SamplerConfig | None = None) -> ModelParts:
     """``stream`` replaces the model's stream layout; else ``stream_preset`` (a ``StreamConfig.preset`` name)
     replaces its attention layout and keeps its latent size; else the model's own (engine format) or the one
-    its checkpoint format implies (``checkpoint_stream_preset``)."""
+    its checkpoint format implies (``checkpoint_stream_preset``). ``vae_dtype``: what a Wan VAE decodes in
+    (None: bf16 on CUDA as the upstream pipelines, else float32; a spec's own ``"dtype"`` wins)."""
     if source == "tiny":
         _register_builtin_components()
         if (BUILTIN_DIR / ENGINE_CONFIG_FILE).exists():
-            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora, lora_alpha)
+            parts = _engine_dir_parts(BUILTIN_DIR, device, dtype, lora, lora_alpha, vae_dtype)
             parts.name = "tiny"
         else:
             parts = random_tiny_parts(device, dtype)
@@ -106,9 +107,9 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         path = resolve_model_dir(source)
         if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
             _register_builtin_components()
-            parts = _engine_dir_parts(path, device, dtype, lora, lora_alpha)
+            parts = _engine_dir_parts(path, device, dtype, lora, lora_alpha, vae_dtype)
         else:
-            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora, lora_alpha)
+            parts = _wan_parts(path, source, device, dtype, text_encoder, vae, lora, lora_alpha, vae_dtype)
     if stream is None and stream_preset is not None:
         own = parts.config.stream
         stream = StreamConfig.preset(stream_preset, latent_height=own.latent_height, latent_width=own.latent_width,
@@ -118,7 +119,8 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
     return parts
 
 
-def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, lora_alpha=None) -> ModelParts:
+def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, lora_alpha=None,
+               vae_dtype=None) -> ModelParts:
     """A Wan-architecture DiT from diffusers / original Wan / Self-Forcing / LongLive files."""
     from .model.loading import load_dit
     from .text_encoders import build_text_encoder
@@ -133,7 +135,7 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, 
     model = load_dit(str(path), lora=lora, lora_alpha=lora_alpha, use_ema=lora is None, device="cpu",
                      dtype=torch.float32, max_frames=StreamConfig().max_frames)
     text = build_text_encoder({"type": "umt5", "path": str(text_encoder or path)}, None, device, dtype)
-    decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, torch.float32)
+    decoder = build_vae({"type": "wan", "path": str(vae or path)}, None, device, vae_dtype)
     stream = StreamConfig.preset(checkpoint_stream_preset(lora))
     return ModelParts(model, text, decoder, EngineConfig(model.config, stream, SamplerConfig()), fps=16,
                       name=source)

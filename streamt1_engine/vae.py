@@ -55,12 +55,37 @@ class WanDecodeState:
         return None
 
 
-class WanVAE:
-    """Streaming decoder over a diffusers ``AutoencoderKLWan`` (Wan 2.1 / 2.2 VAE)."""
+_VAE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+               "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
-    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+
+def default_vae_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on CUDA, as Self-Forcing, LongLive and Stream-T1 decode (their whole pipeline, VAE included, is
+    cast to bf16 before inference); float32 elsewhere, where bf16 convolutions are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def vae_dtype(value: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """A dtype, its name ("bf16", "float32", ...) or None / "auto" for :func:`default_vae_dtype`."""
+    if value is None or value == "auto":
+        return default_vae_dtype(device)
+    if isinstance(value, torch.dtype):
+        return value
+    require(value in _VAE_DTYPES, f"unknown VAE dtype {value!r} (use auto, {', '.join(_VAE_DTYPES)})")
+    return _VAE_DTYPES[value]
+
+
+class WanVAE:
+    """Streaming decoder over a diffusers ``AutoencoderKLWan`` (Wan 2.1 / 2.2 VAE).
+
+    ``dtype`` (default: :func:`default_vae_dtype`) is what the decoder's convolutions run in; the
+    de-normalisation of the latents and the output frames stay float32.
+    """
+
+    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+        dtype = vae_dtype(dtype, device)
         model = model.to(device)
         if next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
@@ -81,10 +106,11 @@ class WanVAE:
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.model.decoder.modules())
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, device="cpu", dtype=torch.float32) -> "WanVAE":
+    def from_pretrained(cls, path_or_id: str | Path, device="cpu", dtype: torch.dtype | str | None = None) -> "WanVAE":
         """Load from a VAE dir, a diffusers pipeline dir (``vae/`` subfolder) or a hub id of either."""
         from diffusers import AutoencoderKLWan
 
+        dtype = vae_dtype(dtype, device)
         root = resolve_model_dir(str(path_or_id))
         folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
         require((folder / "config.json").is_file(),
@@ -206,6 +232,6 @@ build_vae = VAES.build
 
 
 register_vae("wan", lambda spec, base_dir, device, dtype:
-             WanVAE.from_pretrained(component_path(spec, base_dir), device=device, dtype=dtype))
+             WanVAE.from_pretrained(component_path(spec, base_dir), device=device, dtype=spec.get("dtype", dtype)))
 register_vae("space_to_depth", lambda spec, base_dir, device, dtype:
-             SpaceToDepthVAE(spec.get("factor", 8), device=device, dtype=dtype))
+             SpaceToDepthVAE(spec.get("factor", 8), device=device, dtype=dtype or torch.float32))

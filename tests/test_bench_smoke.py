@@ -133,28 +133,58 @@ def test_kernel_op_benchmarks(tmp_path, name, sizes):
         assert (row["x_vs_torch"] == 1.0) == (row["backend"] == "torch")
 
 
-def _suite(out: Path, *stages: str, python: str = sys.executable):
+def _gpu_run(out: Path, *args: str, python: str = sys.executable, **env: str):
     import os
     import subprocess
 
-    return subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out), *stages], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHON": python})
+    return subprocess.run(["bash", str(BENCH / "gpu_run.sh"), str(out), *args], capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "PYTHON": python, **env})
 
 
-def test_gpu_suite_rejects_unknown_stage(tmp_path):
-    res = _suite(tmp_path / "run", "bogus")
-    assert res.returncode == 2 and "unknown stage: bogus" in res.stderr
-
-
-def test_gpu_suite_logs_a_failing_stage_and_goes_on(tmp_path):
-    """A failing stage is logged with its exit status, later stages still run, and the suite exits 1."""
+def test_gpu_run_dry_run_end_to_end(tmp_path):
+    """The one GPU command, at tiny sizes on the CPU: every step runs and passes, the summary is printed, and
+    OUT holds exactly the three files the GPU machine sends back."""
+    import importlib.util
     import tarfile
 
     out = tmp_path / "run"
-    res = _suite(out, "kernels", "pack", python="false")  # every python command fails at once
+    res = _gpu_run(out, "--dry-run")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "run.log", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "dry run" in summary and summary.strip().splitlines()[-1] in res.stdout
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    for step in ("env", "attention", "chunk", "e2e", "gpu_tests", "reference"):
+        assert f"| {step} | ok |" in summary, summary
+    assert ("| vae | ok |" if has_diffusers else "| vae | skipped (no diffusers) |") in summary
+    assert "## Paged attention kernel" in summary and "| n | mode |" in summary
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"results/summary.md", "results/env.log", "results/gpu_tests.log", "results/attention/bench_attention.md",
+            "results/chunk/bench_chunk.md", "results/e2e/bench_e2e.md",
+            "results/reference/bench_reference.md"} <= names
+
+
+def test_gpu_run_times_out_a_step_skips_what_no_longer_fits_and_goes_on(tmp_path):
+    """A bench script that hangs is killed at the run's budget, the next step is skipped, the run still
+    writes its summary and exits 1."""
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$1" in bench/*) sleep 60 ;; *) exit 1 ;; esac\n')
+    fake.chmod(0o755)
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    res = _gpu_run(out, python=str(fake), GPU_RUN_STEPS="attention chunk", GPU_RUN_BUDGET_S="8")
+    assert time.monotonic() - t0 < 40
     assert res.returncode == 1, res.stdout + res.stderr
-    log = (out / "attention.log").read_text()
-    assert "bench/bench_attention.py --out" in log and "== attention: exit 1" in log
-    assert "== sink_merge: exit 1" in (out / "sink_merge.log").read_text()
-    with tarfile.open(str(out) + ".tar.gz") as tar:
-        assert {"run/attention.log", "run/qk_norm_rope.log", "run/sink_merge.log"} <= set(tar.getnames())
+    summary = (out / "summary.md").read_text()
+    assert "| install | FAILED |" in summary
+    assert "| attention | TIMEOUT after" in summary and "| chunk | skipped (budget spent) |" in summary
+
+
+def test_gpu_run_rejects_bad_arguments(tmp_path):
+    res = _gpu_run(tmp_path / "run", "--fast")
+    assert res.returncode == 2 and "usage: bench/gpu_run.sh OUT [--dry-run]" in res.stderr
+    res = _gpu_run(tmp_path / "run", python="false", GPU_RUN_STEPS="bogus")
+    assert res.returncode == 2 and "unknown step: bogus" in res.stdout + res.stderr

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from streamt1_engine.components import VideoVAE
 from streamt1_engine.errors import StreamT1Error
-from streamt1_engine.vae import SpaceToDepthVAE, WanVAE, build_vae, register_vae
+from streamt1_engine.vae import SpaceToDepthVAE, WanVAE, build_vae, default_vae_dtype, register_vae, vae_dtype
 
 Z_DIM = 4
 
@@ -108,6 +110,31 @@ def test_forked_state_decodes_each_continuation_like_its_full_sequence(wan):
     last, _ = wan.decode_chunk(tail, survivors)
     history = torch.cat([beams[parents[[2, 0]]], continuations[[2, 0]], tail], dim=2)
     torch.testing.assert_close(last, full_decode(wan, history)[:, 11:], atol=1e-5, rtol=1e-5)
+
+
+def test_vae_dtype_defaults_to_bf16_on_cuda_as_the_upstream_pipelines():
+    assert default_vae_dtype("cuda") == torch.bfloat16 and default_vae_dtype("cpu") == torch.float32
+    assert vae_dtype(None, "cuda:1") == vae_dtype("auto", "cuda") == torch.bfloat16
+    assert vae_dtype("fp32", "cuda") == vae_dtype("float32", "cuda") == torch.float32
+    assert vae_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(StreamT1Error, match="unknown VAE dtype"):
+        vae_dtype("int8", "cpu")
+
+
+def test_bf16_decode_stays_close_to_float32(wan, tiny_wan_dir):
+    """The bf16 decoder (a spec's ``dtype``) runs in bf16, keeps its causal state in bf16, returns float32
+    frames, and differs from float32 by rounding only (PSNR > 40 dB on random weights)."""
+    bf16 = build_vae({"type": "wan", "path": ".", "dtype": "bf16"}, base_dir=tiny_wan_dir)
+    assert wan.dtype == torch.float32 and bf16.dtype == torch.bfloat16  # CPU default: float32
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(6)
+    latents = torch.randn(2, Z_DIM, 4, 3, 4)
+    want, _ = stream_decode(wan, latents)
+    got, state = stream_decode(bf16, latents)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert {e.dtype for e in state.cache if isinstance(e, torch.Tensor)} == {torch.bfloat16}
+    mse = float((got.double() - want.double()).pow(2).mean())
+    assert 0 < mse and 10 * math.log10(1 / mse) > 40
 
 
 def test_state_batch_mismatch_is_an_error(wan):

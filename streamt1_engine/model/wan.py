@@ -18,6 +18,7 @@ from ..config import WanConfig
 from ..errors import require
 from ..kernels.paged_attention import paged_attention
 from ..kernels.qk_norm_rope import qk_norm_rope
+from ..kernels.residual_norm import residual_norm
 from .rope import Rope3D
 
 
@@ -90,6 +91,40 @@ class TextContext:
     """Cross-attention keys/values of one prompt for every layer, computed once per prompt."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([B, Lt, H, D], [B, Lt, H, D]), B = 1 or N
+
+
+def glue_backend(attn: "ChunkAttention") -> str:
+    """Backend of the elementwise glue (norms, modulation, gated residuals): the fused Triton kernels where
+    the attention runs a Triton kernel (CUDA, or the interpreter in tests), plain PyTorch elsewhere."""
+    return "triton" if attn.backend.startswith("triton") else "torch"
+
+
+_GEMM_GELU_IS_TANH: dict[str, bool] = {"meta": True}  # meta: the census counts what CUDA launches
+
+
+def gemm_gelu_is_tanh(device: torch.device) -> bool:
+    """Whether ``torch._addmm_activation(..., use_gelu=True)`` applies the tanh GELU on ``device``.
+
+    cuBLASLt's GELU epilogue (and PyTorch's CUDA fallback) is the tanh approximation; the CPU kernel applies
+    the exact erf GELU. Probed once per device rather than assumed, on a product that is exact even in TF32
+    (small integers and eighths); not while a CUDA graph is being captured (a probe needs the host), where
+    the answer is "no" until the next eager call.
+    """
+    key = str(device)
+    if key not in _GEMM_GELU_IS_TANH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-1, 2, (8, 16), generator=gen).float()
+        w = torch.randint(-2, 3, (16, 16), generator=gen).float() / 8
+        b = torch.linspace(-2.5, 2.5, 16)
+        a, w, b = a.to(device), w.to(device), b.to(device)
+        fused = torch._addmm_activation(b, a, w, use_gelu=True)
+        pre = torch.addmm(b, a, w)
+        tanh_err = (fused - F.gelu(pre, approximate="tanh")).abs().max()
+        erf_err = (fused - F.gelu(pre)).abs().max()
+        _GEMM_GELU_IS_TANH[key] = bool(tanh_err < erf_err)
+    return _GEMM_GELU_IS_TANH[key]
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -166,9 +201,13 @@ class CrossAttention(AttentionProjections):
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         return k, v
 
-    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], glue: str = "torch"):
         n = x.shape[0]
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        if glue == "torch":
+            q = self.norm_q(self.q(x))
+        else:
+            q = residual_norm(self.q(x), norm="rms", weight=self.norm_q.weight, eps=self.norm_q.eps, backend=glue)[1]
+        q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k, v = (t.expand(n, -1, -1, -1).transpose(1, 2) for t in kv)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -188,6 +227,9 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e, text_kv, rope: ChunkRope, attn: ChunkAttention, layer: int):
         # e: [N, 1 or L, 6, dim] -> six [N, 1 or L, dim] modulations
+        glue = glue_backend(attn)
+        if glue != "torch":
+            return self._forward_fused(x, e, text_kv, rope, attn, layer, glue)
         mods = (self.modulation.float()[:, None] + e).unbind(2)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
         h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
@@ -198,6 +240,35 @@ class WanBlock(nn.Module):
         x = (x.float() + self.ffn(h).float() * gate2).to(x.dtype)
         return x
 
+    def _forward_fused(self, x, e, text_kv, rope: ChunkRope, attn: ChunkAttention, layer: int, glue: str):
+        """The same block with its glue in five fused launches (see ``kernels/residual_norm``; four around
+        the norms, one for the cross-attention q norm) and the FFN's GELU in the first GEMM's epilogue; the
+        modulations are (learned row, timestep row) pairs summed in float32 inside the kernels, as the
+        unfused path sums them."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = ((self.modulation[:, i], e[:, :, i]) for i in range(6))
+        _, h = residual_norm(x, norm="layer", scale=scale1, shift=shift1, eps=self.norm1.eps, backend=glue)
+        y = self.self_attn(h, rope, attn, layer)
+        if isinstance(self.norm3, nn.LayerNorm):
+            x, h = residual_norm(x, y, gate1, norm="layer", weight=self.norm3.weight, bias=self.norm3.bias,
+                                 eps=self.norm3.eps, backend=glue)
+        else:
+            x, h = residual_norm(x, y, gate1, norm="none", backend=glue)
+        y = self.cross_attn(h, text_kv, glue)
+        x, h = residual_norm(x, y, norm="layer", scale=scale2, shift=shift2, eps=self.norm2.eps, backend=glue)
+        x, _ = residual_norm(x, self._ffn_gelu_epilogue(h), gate2, norm="none", backend=glue)
+        return x
+
+    def _ffn_gelu_epilogue(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.ffn(h)`` with bias + tanh-GELU in the first GEMM's epilogue (cuBLASLt on CUDA), where the
+        device's ``_addmm_activation`` computes Wan's tanh GELU; a GEMM and a GELU launch elsewhere."""
+        fc1, fc2 = self.ffn[0], self.ffn[2]
+        flat = h.flatten(0, 1)
+        if gemm_gelu_is_tanh(flat.device):
+            hidden = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
+        else:
+            hidden = F.gelu(F.linear(flat, fc1.weight, fc1.bias), approximate="tanh")
+        return fc2(hidden).view(*h.shape[:-1], -1)
+
 
 class WanHead(nn.Module):
     def __init__(self, cfg: WanConfig):
@@ -206,8 +277,13 @@ class WanHead(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e):
+    def forward(self, x, e, glue: str = "torch"):
         # e: [N, 1 or L, dim]
+        if glue != "torch":
+            rows = self.modulation
+            _, h = residual_norm(x, norm="layer", scale=(rows[:, 1], e), shift=(rows[:, 0], e), eps=self.norm.eps,
+                                 backend=glue)
+            return self.head(h)
         shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)
         return self.head((self.norm(x) * (1 + scale) + shift).to(x.dtype))
 
@@ -256,7 +332,11 @@ class CausalWanDiT(nn.Module):
         grid_h, grid_w = height // ph, width // pw
         frame_tokens = grid_h * grid_w
         dtype = self.patch_embedding.weight.dtype
-        x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        glue = glue_backend(attn)
+        if glue == "torch":
+            x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
+        else:
+            x = self._patch_embedding_gemm(latents.to(dtype))
         timestep = timestep.to(x.device)
         per_frame = timestep.dim() == 2
         t_flat = timestep.reshape(-1)
@@ -276,7 +356,17 @@ class CausalWanDiT(nn.Module):
         rope = ChunkRope(cos, sin, tables.frame_cos, tables.frame_sin, scos, ssin, frame_tokens)
         for layer, block in enumerate(self.blocks):
             x = block(x, e_blocks, text.kv[layer], rope, attn, layer)
-        out = self.head(x, e)
+        out = self.head(x, e, glue)
         out = out.view(n, frames, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_channels, frames * pt, height, width)
         return out
+
+    def _patch_embedding_gemm(self, latents: torch.Tensor) -> torch.Tensor:
+        """The patch embedding as one GEMM over patchified latents: tokens come out contiguous [N, L, dim]
+        (the convolution's [N, dim, L] would need a transposing copy of the whole stream for the fused glue)."""
+        conv = self.patch_embedding
+        n, c, frames, height, width = latents.shape
+        pt, ph, pw = self.config.patch_size
+        patches = latents.view(n, c, frames // pt, pt, height // ph, ph, width // pw, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, -1, c * pt * ph * pw)
+        return F.linear(patches, conv.weight.flatten(1), conv.bias)
