@@ -227,3 +227,35 @@ def test_cli_flags_reach_the_search_config():
     assert (chosen.noise_mode, chosen.reward_frames) == ("portable", "streamed")
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "p", "--noise-mode", "hashed"])
+
+
+def test_plain_streaming_draws_as_the_base_inference_scripts():
+    """``none`` in official mode: one generator for the stream, the whole video's initial noise drawn first,
+    then every chunk's re-noise in order (Self-Forcing / LongLive inference), not one seed redrawn per chunk."""
+    from streamt1_engine.search import beam_search as bs
+
+    engine = StreamT1Engine.from_pretrained("random-tiny")
+    drawn = []
+    original = bs.BeamSearch._noise
+
+    def spy(self, seeds, parents):
+        noise = original(self, seeds, parents)
+        drawn.append((noise.initial.clone(), noise.renoise.clone()))
+        return noise
+
+    num_chunks, seed = 3, 5
+    try:
+        bs.BeamSearch._noise = spy
+        engine.generate("a red circle", num_chunks=num_chunks, seed=seed, search=SearchConfig(strategy="none"))
+    finally:
+        bs.BeamSearch._noise = original
+    c, f, h, w = drawn[0][0].shape[1:]
+    steps = drawn[0][1].shape[0] + 1
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    whole = torch.randn((1, num_chunks * f, c, h, w), generator=gen)
+    for k, (initial, renoise) in enumerate(drawn):
+        assert torch.equal(initial[0], whole[0, k * f:(k + 1) * f].transpose(0, 1))
+        for i in range(steps - 1):
+            expected = torch.randn((f, c, h, w), generator=gen).transpose(0, 1)
+            assert torch.equal(renoise[i, 0], expected)
+    assert not torch.equal(drawn[0][0], drawn[1][0])  # chunks get different noise

@@ -24,7 +24,8 @@ from ..model.wan import ChunkAttention, TextContext
 from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
 from ..vae import decode_cold_windows
 from .config import SearchConfig
-from .noise import draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise, upstream_seeds
+from .noise import (StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise,
+                    upstream_seeds)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class BeamSearch:
         self.chunk_index = 0
         self.noise_dtype = cache.pool.k.dtype  # upstream draws in the dtype its model and KV cache run in
         self._next_seed = seed + search.first_chunk_candidates
+        self._stream_noise: StreamNoise | None = None  # plain streaming in official mode: one generator
         self._rng = random.Random(seed)
         if search.uses_rewards and (short_reward is None or long_reward is None):
             raise StreamT1Error(f"search {search.strategy!r} needs a short-term and a long-term reward")
@@ -157,6 +159,11 @@ class BeamSearch:
     def _noise(self, seeds: list[int], parents: list[int]) -> ChunkNoise:
         """All of the chunk's noise, drawn before denoising (graph replays need it pre-drawn)."""
         official = self.search.noise_mode == "official"
+        if official and self.search.strategy == "none":
+            if self._stream_noise is None:
+                self._stream_noise = StreamNoise(self.seed, self.num_chunks, self.latent_shape,
+                                                 self.schedule.num_steps, self.device, self.noise_dtype)
+            return self._stream_noise.draw(self.chunk_index)
         if official:
             noise = draw_upstream_noise(seeds, self.latent_shape, self.schedule.num_steps, self.device,
                                         self.noise_dtype)

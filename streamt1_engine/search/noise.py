@@ -10,6 +10,11 @@ chunk redraws the same noise). The same device, dtype and seed give upstream's n
 device gives other noise. The numbering gives different candidates the same seed beyond 10 beams, about
 100 children per beam, or 1001 first-chunk candidates; ``SearchConfig`` refuses those shapes.
 
+With ``none`` (plain streaming, no search) ``official`` follows the base models' own inference scripts
+instead (Self-Forcing's and LongLive's ``inference.py``): one device generator seeded once for the stream
+draws the whole video's initial noise ``[1, T, C, H, W]`` up front, then every re-noise ``[F, C, H, W]`` of
+every chunk in order (``StreamNoise``), so the one candidate does not redraw the same noise every chunk.
+
 ``portable`` draws on the CPU from a hash of (candidate seed, chunk), so a seed gives the same noise on
 every device; new seeds are numbered consecutively.
 
@@ -108,3 +113,32 @@ def draw_upstream_noise(seeds: list[int], shape: tuple[int, int, int, int], num_
 def fuse_upstream_noise(parent_noise: torch.Tensor, fresh: torch.Tensor, sigma: float) -> torch.Tensor:
     """Upstream's fusion, same expression in the noise's own dtype (bf16 there)."""
     return sigma * parent_noise + math.sqrt(1 - sigma**2) * fresh
+
+
+class StreamNoise:
+    """Plain streaming's noise as the base models' inference scripts draw it: one generator for the stream.
+
+    Those scripts seed the global RNG once, draw the whole video's initial noise, then draw each re-noise
+    from the same device RNG during the loop; a fresh ``torch.Generator(device)`` with the same seed gives the
+    same stream. Chunks must be drawn in order (each call advances the generator)."""
+
+    def __init__(self, seed: int, num_chunks: int, shape: tuple[int, int, int, int], num_steps: int, device,
+                 dtype: torch.dtype):
+        c, f, h, w = shape
+        self.shape, self.num_steps, self.device, self.dtype = shape, num_steps, device, dtype
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.initial = torch.randn((1, num_chunks * f, c, h, w), generator=self.generator, device=device,
+                                   dtype=dtype)[0]
+        self.next_chunk = 0
+
+    def draw(self, chunk_index: int) -> ChunkNoise:
+        if chunk_index != self.next_chunk:
+            raise RuntimeError(f"stream noise drawn out of order: chunk {chunk_index}, expected {self.next_chunk}")
+        c, f, h, w = self.shape
+        initial = self.initial[chunk_index * f:(chunk_index + 1) * f].transpose(0, 1)[None]
+        renoise = [torch.randn((f, c, h, w), generator=self.generator, device=self.device, dtype=self.dtype)
+                   .transpose(0, 1)[None] for _ in range(self.num_steps - 1)]
+        renoise = torch.stack(renoise) if renoise else torch.empty((0, 1, c, f, h, w), device=self.device,
+                                                                  dtype=self.dtype)
+        self.next_chunk += 1
+        return ChunkNoise(initial.contiguous(), renoise.contiguous())
