@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import STREAM_PRESETS
 from .errors import StreamT1Error
+from .presets import RUN_PRESETS
 from .search.config import NOISE_MODES, REWARD_FRAMES, SHORT_HISTORIES, STRATEGIES, SearchConfig
 
 log = logging.getLogger("streamt1")
@@ -60,6 +61,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--lora-alpha", type=float, default=None,
                      help="alpha the LoRA was trained with (its config's adapter alpha); scale = alpha / rank; "
                           "default: the file's alpha, else the rank")
+    gen.add_argument("--preset", choices=sorted(RUN_PRESETS), default=None,
+                     help="a published setup as defaults (stream-t1-paper: the paper's model, search and rewards); "
+                          "flags given here win")
     gen.add_argument("--config", default=None, metavar="UPSTREAM.yaml",
                      help="upstream inference YAML (e.g. Stream-T1's stream_scaling.yaml); flags given here win")
     gen.add_argument("--stream-preset", choices=sorted(STREAM_PRESETS), default=None,
@@ -182,8 +186,13 @@ def generate(args) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse once; with ``--config``, parse again with the YAML's values as defaults, so explicit flags win."""
     args = build_parser().parse_args(argv)
+    defaults = {}
+    if getattr(args, "preset", None):
+        defaults.update(RUN_PRESETS[args.preset].cli_defaults())
     if getattr(args, "config", None):
-        args = build_parser(upstream_defaults(args.config)).parse_args(argv)
+        defaults.update(upstream_defaults(args.config))
+    if defaults:
+        args = build_parser(defaults).parse_args(argv)
     return args
 
 
