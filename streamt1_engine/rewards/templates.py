@@ -108,6 +108,19 @@ def _source_in(directory: Path, relative: Path, package: str) -> Path | None:
     return None
 
 
+def _given_source(source, file_name: str, package: str, what: str, kind: str) -> Path:
+    """A user-given template source: the official Python file inside a folder, or the file itself."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = _source_in(path, file_name, package)
+        if found is None:
+            raise StreamT1Error(f"{what}: {path} holds no {file_name} ({kind})")
+        return found
+    if not path.is_file():
+        raise StreamT1Error(f"{what}: template source {path} does not exist")
+    return path
+
+
 def hpsv3_template(source: str | None) -> tuple[str | None, str]:
     """(template, where it came from) for HPSv3: ``INSTRUCTION`` (formatted) + ``prompt_with_special_token`` of
     ``hpsv3/dataset/data_collator_qwen.py``, as its inferencer builds the text with ``use_special_tokens``.
@@ -122,14 +135,7 @@ def hpsv3_template(source: str | None) -> tuple[str | None, str]:
         if path is None:
             return None, "the hpsv3 package is not installed"
     else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            found = _source_in(path, HPSV3_SOURCE_FILE, "hpsv3")
-            if found is None:
-                raise StreamT1Error(f"{what}: {path} holds no {HPSV3_SOURCE_FILE} (the hpsv3 package or repository)")
-            path = found
-        elif not path.is_file():
-            raise StreamT1Error(f"{what}: template source {path} does not exist")
+        path = _given_source(source, HPSV3_SOURCE_FILE, "hpsv3", what, "the hpsv3 package or repository")
         if path.suffix != ".py":
             return text_file_template(path, what), str(path)
     constants = source_constants(path, what)
@@ -154,14 +160,7 @@ def videoalign_template(source: str | Path | None, template_type: str, search: l
         if path is None:
             return None, "pass template_source=<VideoAlign checkout>"
     else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            found = _source_in(path, VIDEOALIGN_SOURCE_FILE, "VideoAlign")
-            if found is None:
-                raise StreamT1Error(f"{what}: {path} holds no {VIDEOALIGN_SOURCE_FILE} (a VideoAlign checkout)")
-            path = found
-        elif not path.is_file():
-            raise StreamT1Error(f"{what}: template source {path} does not exist")
+        path = _given_source(source, VIDEOALIGN_SOURCE_FILE, "VideoAlign", what, "a VideoAlign checkout")
         if path.suffix != ".py":
             return text_file_template(path, what), str(path)
     if template_type not in VIDEOALIGN_TYPES:
