@@ -11,11 +11,14 @@ import torch
 from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
 from .errors import StreamT1Error, require
 from .model.wan import CausalWanDiT
+from .validation import build_config
 
 ENGINE_FORMAT = "streamt1-engine"
 ENGINE_CONFIG_FILE = "streamt1.json"
 BUILTIN_DIR = Path(__file__).parent / "assets" / "tiny"
 WAN_STREAM = StreamConfig()  # Self-Forcing / LongLive layout at 480x832
+ENGINE_CONFIG_KEYS = ("format", "version", "name", "description", "model", "stream", "sampler", "text_encoder",
+                      "vae", "weights", "fps", "rewards", "training")
 
 
 @dataclass
@@ -54,22 +57,26 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
         spec = json.loads((directory / ENGINE_CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise StreamT1Error(f"{directory / ENGINE_CONFIG_FILE} is not valid JSON: {exc}") from None
-    require(spec.get("format") == ENGINE_FORMAT, f"{directory / ENGINE_CONFIG_FILE} is not a {ENGINE_FORMAT} config")
+    where = directory / ENGINE_CONFIG_FILE
+    require(isinstance(spec, dict) and spec.get("format") == ENGINE_FORMAT, f"{where} is not a {ENGINE_FORMAT} config")
+    unknown = sorted(set(spec) - set(ENGINE_CONFIG_KEYS))
+    require(not unknown, f"{where} has unknown keys {unknown}; known: {list(ENGINE_CONFIG_KEYS)}")
     for key in ("model", "text_encoder", "vae"):
-        require(key in spec, f"{directory / ENGINE_CONFIG_FILE} lacks the {key!r} section")
-    model_cfg = WanConfig.from_dict(spec["model"])
-    stream = StreamConfig(**spec.get("stream", {}))
-    sampler_spec = dict(spec.get("sampler", {}))
-    if "denoising_steps" in sampler_spec:
-        sampler_spec["denoising_steps"] = tuple(sampler_spec["denoising_steps"])
-    sampler = SamplerConfig(**sampler_spec)
+        require(key in spec, f"{where} lacks the {key!r} section")
+    model_cfg = build_config(WanConfig, spec["model"], f"{where} 'model'")
+    stream = build_config(StreamConfig, spec.get("stream", {}), f"{where} 'stream'")
+    sampler = build_config(SamplerConfig, spec.get("sampler", {}), f"{where} 'sampler'")
+    fps = spec.get("fps", 16)
+    require(isinstance(fps, int) and not isinstance(fps, bool) and fps > 0,
+            f"{where} 'fps' must be a positive integer, got {fps!r}")
     weights = directory / spec.get("weights", "dit.safetensors")
     require(weights.exists(), f"missing weights file {weights}")
     model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, device="cpu", dtype=torch.float32,
                      max_frames=stream.max_frames)
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
     vae = build_vae(spec["vae"], directory, device, torch.float32)
-    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=int(spec.get("fps", 16)),
+    check_finite_tensors(text, f"text encoder of {directory}")
+    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=fps,
                       name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
 
 
@@ -88,6 +95,7 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         from .hub import resolve_model_dir
 
         path = resolve_model_dir(source)
+        _require_model_source(path, source)
         if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
             _register_builtin_components()
             parts = _engine_dir_parts(path, device, dtype, lora)
@@ -96,6 +104,26 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
     if stream is not None:
         parts.config = EngineConfig(parts.config.model, stream, parts.config.sampler)
     return parts
+
+
+def _require_model_source(path: Path, source: str) -> None:
+    """A folder that holds no model files gets its own message, not the bare-checkpoint one."""
+    if not path.is_dir():
+        return
+    require(any(path.iterdir()), f"model directory {path} is empty")
+    markers = (ENGINE_CONFIG_FILE, "model_index.json", "config.json", "transformer")
+    weights = ("*.safetensors", "*.safetensors.index.json", "*.pt", "*.pth", "*.bin", "*.ckpt")
+    found = any((path / m).exists() for m in markers) or any(any(path.glob(w)) for w in weights)
+    require(found, f"{source!r} is not a model directory: it has no {ENGINE_CONFIG_FILE}, model_index.json, "
+                   "config.json or weights files")
+
+
+def check_finite_tensors(module, what: str) -> None:
+    """Refuse weights holding NaN or infinities (a corrupt file would otherwise give a silent black video)."""
+    from .model.loading import check_finite_weights
+
+    if isinstance(module, torch.nn.Module):
+        check_finite_weights(module.state_dict(), what)
 
 
 def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) -> ModelParts:

@@ -5,8 +5,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import require
+from ..validation import at_least, between, validate_fields
 
 STRATEGIES = ("none", "best_of_n", "stream_t1")
+# Ranges checked by validate_fields on top of the annotated types; the thresholds only need to be finite.
+_RULES = {"beam_size": at_least(1), "top_k": at_least(1),
+          "num_candidates": at_least(1), "window_chunks": at_least(1), "noise_sigma": between(-1.0, 1.0),
+          "fusion_cap": between(0.0, 1.0), "ema_alpha": between(0.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class SearchConfig:
     memory_sinking: bool = True
 
     def __post_init__(self):
+        validate_fields(self, _RULES)
         require(self.strategy in STRATEGIES, f"unknown search strategy {self.strategy!r}; choose one of {STRATEGIES}")
         require(self.beam_size >= 1, "beam_size must be >= 1")
         require(self.top_k >= 1, "top_k must be >= 1")
