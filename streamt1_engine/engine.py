@@ -32,6 +32,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def require_text(text: str, what: str) -> None:
+    """Text that cannot be UTF-8 encoded (bytes a command line could not decode) is refused in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StreamT1Error(f"{what} is not valid UTF-8 text (undecodable byte at position {exc.start})") from None
+
+
 def parse_device(device) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,11 +180,7 @@ class StreamT1Engine:
     # -- generation -------------------------------------------------------------------------------
     def _check_request(self, prompt, num_chunks, seed, search, height, width):
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise StreamT1Error(f"prompt is not valid text: undecodable byte at position {exc.start} (the command "
-                                "line gave bytes that are not UTF-8)") from None
+        require_text(prompt, "prompt")
         require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
                 f"num_chunks must be a positive integer, got {num_chunks!r}")
         stream = self.config.stream
@@ -204,9 +208,8 @@ class StreamT1Engine:
 
     def _run_shape(self, stream_cfg: StreamConfig, search: SearchConfig, num_chunks: int) -> RunShape:
         f, factor = stream_cfg.chunk_frames, self.vae.spatial_factor
-        n, k = search.first_chunk_candidates, search.survivors
         return RunShape(
-            candidates=n, survivors=k, kv_pages=PagedKVCache.pages_needed(stream_cfg, k, n),
+            children=search.children_per_beam, survivors=search.survivors, beam_pages=stream_cfg.max_pages_per_beam,
             latent_height=stream_cfg.latent_height, latent_width=stream_cfg.latent_width, chunk_latent_frames=f,
             frames_per_chunk=max(self.vae.frames_per_chunk(True, f), self.vae.frames_per_chunk(False, f)),
             frame_height=stream_cfg.latent_height * factor, frame_width=stream_cfg.latent_width * factor,
@@ -228,6 +231,12 @@ class StreamT1Engine:
         """Peak memory of a run with these options (bytes per term; see ``streamt1_engine.memory``)."""
         search, stream_cfg = self._check_request("estimate", num_chunks, 0, search, height, width)
         return estimate_memory(self.config.model, self._run_shape(stream_cfg, search, num_chunks), self._weight_bytes())
+
+    def check_memory(self, *, num_chunks: int = 7, search: str | SearchConfig = "none", height: int | None = None,
+                     width: int | None = None) -> MemoryEstimate:
+        """The estimate, or StreamT1Error with the largest search (or frame size) that fits ``memory_limit``."""
+        search, stream_cfg = self._check_request("check", num_chunks, 0, search, height, width)
+        return self._check_memory(stream_cfg, search, num_chunks)[0]
 
     def _check_memory(self, stream_cfg, search, num_chunks):
         """Refuse up front (one line, with the largest N or frame size that fits) a run that cannot fit."""
@@ -363,7 +372,7 @@ class StreamT1Engine:
                 if info is not None:
                     info.update(
                         records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                        search=search.to_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
+                        search=search.used_dict(), seed=seed, num_chunks=num_chunks, model=self.name,
                         device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                         attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
                         kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
-from .errors import StreamT1Error, require
+from .errors import StreamT1Error, require, require_packages
 from .model.wan import CausalWanDiT
 from .validation import build_config
 
@@ -73,6 +73,8 @@ def _engine_dir_parts(directory: Path, device, dtype, lora) -> ModelParts:
     require(weights.exists(), f"missing weights file {weights}")
     model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, device="cpu", dtype=torch.float32,
                      max_frames=stream.max_frames)
+    if isinstance(spec["vae"], dict) and spec["vae"].get("type") == "wan":
+        require_packages(f"the Wan VAE of {directory}", "diffusers")
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
     vae = build_vae(spec["vae"], directory, device, torch.float32)
     check_finite_tensors(text, f"text encoder of {directory}")
@@ -132,6 +134,7 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora) 
     from .text_encoders import build_text_encoder
     from .vae import build_vae
 
+    require_packages(f"the Wan model {source!r} (umT5 text encoder, Wan VAE)", "diffusers", "transformers")
     is_pipeline = path.is_dir() and (path / "model_index.json").exists()
     if not is_pipeline:
         require(text_encoder is not None and vae is not None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -30,9 +30,9 @@ REWARD_COPIES = 3
 class RunShape:
     """What fixes a run's memory besides the model: search width, frame size and stream length."""
 
-    candidates: int  # N, candidates denoised together per chunk
+    children: int  # B, candidates per surviving beam (num_candidates for best_of_n)
     survivors: int  # K, beams kept per chunk
-    kv_pages: int  # pages in the shared KV pool
+    beam_pages: int  # the most cache pages one beam holds (grown sink + window)
     latent_height: int
     latent_width: int
     chunk_latent_frames: int
@@ -44,6 +44,17 @@ class RunShape:
     uses_rewards: bool
     dtype_bytes: int
     vae_bytes_per_pixel: int = DEFAULT_VAE_BYTES_PER_PIXEL
+
+
+    @property
+    def candidates(self) -> int:
+        return self.children * self.survivors
+
+    @property
+    def kv_pages(self) -> int:
+        """Pages of the shared pool, as ``PagedKVCache.pages_needed`` allocates them."""
+        k = self.survivors
+        return k * (self.beam_pages + 2) + max(self.candidates - k, 0)
 
 
 @dataclass(frozen=True)
@@ -82,9 +93,7 @@ def estimate_memory(model: WanConfig, shape: RunShape, weight_bytes: int = 0) ->
     chunk_tokens = shape.chunk_latent_frames * (shape.latent_height // ph) * (shape.latent_width // pw)
     n, b = shape.candidates, shape.dtype_bytes
     kv_pool = 2 * model.num_layers * shape.kv_pages * chunk_tokens * model.dim * b
-    # keys a candidate attends to: at most every page a beam can hold (sink grown to its cap + window) + itself
-    max_pages = min(shape.kv_pages, shape.kv_pages // max(shape.survivors, 1))
-    key_tokens = max_pages * chunk_tokens + chunk_tokens
+    key_tokens = (shape.beam_pages + 1) * chunk_tokens  # a candidate reads its beam's pages and its own chunk
     hidden = n * chunk_tokens * (8 * model.dim + 2 * model.ffn_dim) * b
     gathered = n * key_tokens * model.dim * 4 * 4  # float32 keys, rotated keys, values, concatenation
     # the clean context pass of K survivors runs after the N candidates, so it never adds to their peak
@@ -171,38 +180,36 @@ def check_fits(model: WanConfig, shape: RunShape, limit: int, where: str, strate
 
 def refusal(model: WanConfig, shape: RunShape, estimate: MemoryEstimate, limit: int, where: str, strategy: str,
             step: int) -> str:
-    from dataclasses import replace
-
-    def run_bytes(s: RunShape) -> int:
-        return estimate_memory(model, s).run
-
-    def with_candidates(n: int) -> RunShape:
-        k = min(shape.survivors, n)
-        return replace(shape, candidates=n, survivors=k,
-                       kv_pages=max(1, round(shape.kv_pages * k / max(shape.survivors, 1))))
+    """The one-line refusal: the estimate, the limit, and the largest search (else frame size) that fits."""
+    def fits(s: RunShape) -> bool:
+        return estimate_memory(model, s).run <= limit
 
     head = f"estimated peak memory {estimate.describe()} exceeds the {gib(limit)} {where}"
-    n = largest_fitting(lambda n: run_bytes(with_candidates(n)) <= limit, shape.candidates)
-    if n >= 1:
-        if strategy == "stream_t1":
-            k = min(shape.survivors, n)
-            hint = f"at most {n} candidates per chunk fit (beam_size x top_k <= {n}, e.g. --beam-size " \
-                   f"{max(n // k, 1)} --top-k {k})"
-        else:
-            hint = f"at most {n} candidates per chunk fit (--num-candidates {n})"
-        return f"{head}; {hint}, or set a higher --memory-limit"
-    one = with_candidates(1)
+    tail = "or set a higher --memory-limit" if where == "memory limit" else "or pass --memory-limit to override"
+    b, k = shape.children, shape.survivors
+    if strategy == "stream_t1":
+        top_k = largest_fitting(lambda k: fits(replace(shape, survivors=k)), k)
+        if top_k:
+            return f"{head}; at most --top-k {top_k} fits with --beam-size {b} ({b * top_k} candidates per chunk), {tail}"
+        beam = largest_fitting(lambda b: fits(replace(shape, children=b, survivors=1)), b)
+        if beam:
+            return f"{head}; at most --beam-size {beam} fits with --top-k 1 ({beam} candidates per chunk), {tail}"
+    elif strategy == "best_of_n":
+        n = largest_fitting(lambda n: fits(replace(shape, children=n)), b)
+        if n:
+            return f"{head}; at most --num-candidates {n} fits, {tail}"
+    one = replace(shape, children=1, survivors=1)
     ratio = shape.frame_width / shape.frame_height
 
     def sized(h: int) -> RunShape:
         w = max(step, int(h * ratio) // step * step)
-        f = h / shape.frame_height
-        return replace(one, frame_height=h, frame_width=w, latent_height=max(1, round(shape.latent_height * f)),
-                       latent_width=max(1, round(shape.latent_width * w / shape.frame_width)))
+        return replace(one, frame_height=h, frame_width=w,
+                       latent_height=max(1, shape.latent_height * h // shape.frame_height),
+                       latent_width=max(1, shape.latent_width * w // shape.frame_width))
 
-    m = largest_fitting(lambda m: run_bytes(sized(m * step)) <= limit, max(shape.frame_height // step, 1))
-    if m >= 1:
+    m = largest_fitting(lambda m: fits(sized(m * step)), max(shape.frame_height // step, 1))
+    if m:
         s = sized(m * step)
-        return f"{head}; even one candidate does not fit at this size: at most {s.frame_height}x{s.frame_width} " \
-               f"(--height {s.frame_height} --width {s.frame_width}) fits, or set a higher --memory-limit"
-    return f"{head}; even one candidate at the smallest frame size does not fit"
+        return f"{head}; with one candidate per chunk at most --height {s.frame_height} --width {s.frame_width} " \
+               f"fits, {tail}"
+    return f"{head}; even one candidate at the smallest frame size does not fit, {tail}"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .registry import ComponentRegistry, component_path
-from .errors import StreamT1Error, require
+from .errors import StreamT1Error, require, require_packages
 from .hub import resolve_model_dir
 
 WAN_T5_GLOB = "models_t5_*.pth"  # the Wan repos' umT5 encoder weights, in Wan's own module names
@@ -60,6 +60,7 @@ class UMT5TextEncoder:
                         dtype: torch.dtype = torch.float32, cache_size: int = 8) -> "UMT5TextEncoder":
         """Load from a transformers model dir, a diffusers pipeline dir (``text_encoder/`` + ``tokenizer/``),
         a Wan repo dir (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``), or a hub id of any."""
+        require_packages("the umT5 text encoder", "transformers")
         location = resolve_model_dir(str(path_or_id))
         root = location.parent if location.is_file() else location
         return cls(_load_umt5_model(location, dtype), _load_tokenizer(root), text_len=text_len, device=device,

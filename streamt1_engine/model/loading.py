@@ -115,8 +115,8 @@ def _get(cfg: Mapping, key: str, default, kind: type = int):
         return value
     ok = isinstance(value, bool) if kind is bool else (
         isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
-    require(ok, f"model config.json: {key} must be {'a number' if kind is float else 'a ' + kind.__name__}, "
-                f"got {value!r}")
+    wanted = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+    require(ok, f"model config.json: {key} must be {wanted}, got {value!r}")
     return kind(value)
 
 

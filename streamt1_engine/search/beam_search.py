@@ -8,6 +8,7 @@ their pages for memory sinking, and release everything the pruned candidates ref
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -218,10 +219,16 @@ class BeamSearch:
                 weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
                                        search.fusion_cap)
                 hybrid = weight * short + (1 - weight) * long
+            # a candidate with non-finite latents gets a NaN score: seen with the scores' own read-back below
+            hybrid = torch.where(torch.isfinite(x0).flatten(1).all(1), hybrid, torch.nan)
         survivors = self._select(hybrid, n)
         short_l = short.tolist() if short is not None else None
         long_l = long.tolist() if long is not None else None
         hybrid_l = hybrid.tolist() if hybrid is not None else None
+        if hybrid_l is not None and not all(math.isfinite(v) for v in hybrid_l):
+            bad = [i for i, v in enumerate(hybrid_l) if not math.isfinite(v)]
+            raise StreamT1Error(f"chunk {c}: candidates {bad} have non-finite latents or reward scores (NaN or "
+                                "infinity): the model's weights or inputs are corrupt, or the dtype overflows")
 
         # clean context pass for the survivors only, writing one fresh page each
         surv_parents = [parent_beams[i] for i in survivors]

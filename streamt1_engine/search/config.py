@@ -13,6 +13,11 @@ _RULES = {"beam_size": at_least(1), "top_k": at_least(1),
           "num_candidates": at_least(1), "window_chunks": at_least(1), "noise_sigma": between(-1.0, 1.0),
           "fusion_cap": between(0.0, 1.0), "ema_alpha": between(0.0, 1.0)}
 
+_STREAM_T1_ONLY = ("beam_size", "top_k", "noise_sigma", "short_threshold", "long_threshold", "ema_alpha",
+                   "noise_propagation", "memory_sinking")
+_REWARDED = ("num_candidates", "window_chunks", "fusion_cap", "reward_pruning")
+_IGNORED = {"none": _STREAM_T1_ONLY + _REWARDED, "best_of_n": _STREAM_T1_ONLY, "stream_t1": ("num_candidates",)}
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -77,3 +82,13 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def ignored_options(self) -> tuple[str, ...]:
+        """Fields this strategy does not read (the run record leaves them out; the CLI warns if they are set)."""
+        return _IGNORED[self.strategy]
+
+    def used_dict(self) -> dict:
+        """The options this strategy actually uses, and the search's effective shape: what a run record shows."""
+        used = {k: v for k, v in self.to_dict().items() if k not in self.ignored_options}
+        return {**used, "candidates_per_chunk": self.first_chunk_candidates, "survivors": self.survivors}
