@@ -306,9 +306,9 @@ def live_tensor_bytes() -> int:
     gc.collect()
     seen, total = set(), 0
     for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no lazy module attribute lookups
+            continue
         try:
-            if not isinstance(obj, torch.Tensor):
-                continue
             storage = obj.untyped_storage()
         except Exception:
             continue
@@ -329,8 +329,8 @@ def test_long_stream_t1_stream_is_flat_in_memory():
     """Each surviving chunk keeps only its own data, old chunks leave the device, and emitted chunks' latents
     are dropped: over a long stream only the decoded frames kept for the final pick may grow."""
     engine = StreamT1Engine.from_pretrained("tiny", device="cpu")
-    search = SearchConfig(beam_size=2, top_k=2, window_chunks=3)
-    first, last, total = 12, 36, 40
+    search = SearchConfig(beam_size=2, top_k=2, window_chunks=2)
+    first, last, total = 6, 18, 20
     marks = {}
 
     def progress(done, _):
