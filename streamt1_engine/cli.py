@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,8 +160,9 @@ class SignalGuard:
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
@@ -223,9 +225,12 @@ def generate(args) -> int:
         data = {"prompt": args.prompt, "status": status, "num_frames": writer.frames_written,
                 "frame_size": list(writer.size) if writer.size else [height, width], "fps": fps,
                 "final_chunks": len(seeds), "chunk_seeds": list(seeds), "video": str(output),
-                "command": ["streamt1", *sys.argv[1:]], "memory_estimate": estimate.to_dict()}
+                "command": ["streamt1", *sys.argv[1:]], "memory_estimate": estimate.to_dict(),
+                "search": search.used_dict(), "seed": args.seed, "num_chunks": args.chunks}
         data.update({k: v for k, v in info.items() if k != "records"})
         data["chunks"] = [r.to_dict() for r in info.get("records", [])]
+        if failure is not None:
+            data["error"] = str(failure)
         return data
 
     def save_record() -> None:
@@ -242,7 +247,7 @@ def generate(args) -> int:
         seen = done
         save_record()
 
-    interrupted = None
+    interrupted = failure = None
     with SignalGuard() as guard:
         try:
             try:
@@ -256,6 +261,8 @@ def generate(args) -> int:
                 status = "complete"
             except Interrupted as exc:
                 interrupted, status = exc, "interrupted"
+            except StreamT1Error as exc:  # e.g. non-finite latents or out of memory at a later chunk
+                failure, status = exc, "failed"
             finally:
                 if bar is not None:
                     bar.close()
@@ -281,6 +288,10 @@ def generate(args) -> int:
     if args.verbose:
         for chunk_record in info.get("records", []):
             _log_record(chunk_record)
+    if failure is not None:
+        if not writer.frames_written:
+            raise failure
+        raise StreamT1Error(f"{failure} (kept the {len(seeds)} final chunks before it: {output}, {record_path})")
     if interrupted is not None:
         kept = f"kept {output} ({writer.frames_written} frames of {len(seeds)} final chunks) and {record_path}" \
             if writer.frames_written else f"no chunk was final yet; {record_path} says so" if written_record else \

@@ -556,3 +556,22 @@ def test_dependency_floors_match_what_the_code_uses():
     install = re.search(r'pip install -e "\.\[([a-z,-]+)\]" && python -m pytest -q', readme)
     assert install is not None and set(install.group(1).split(",")) >= {"test", "triton", "wan"}
     assert f'pip install -q -e ".[{install.group(1)}]"' in ci
+
+
+def test_failure_at_a_later_chunk_keeps_the_final_chunks_before_it(tmp_path, capsys, monkeypatch):
+    import streamt1_engine.engine as engine_module
+
+    original = engine_module._to_stream_chunk
+
+    def to_chunk(node):
+        if node.index == 2:
+            raise StreamT1Error("chunk 2 has non-finite latents (NaN or infinity)")
+        return original(node)
+
+    monkeypatch.setattr(engine_module, "_to_stream_chunk", to_chunk)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", PROMPT, "-o", str(out), "--model", "random-tiny", "--chunks", "4", "--no-progress"]) == 2
+    assert "kept the 2 final chunks before it" in one_line(capsys.readouterr().err)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["status"] == "failed" and "non-finite" in record["error"]
+    assert read_video(out).shape[0] == record["num_frames"] == 6
