@@ -60,7 +60,6 @@ class UMT5TextEncoder:
                         dtype: torch.dtype = torch.float32, cache_size: int = 8) -> "UMT5TextEncoder":
         """Load from a transformers model dir, a diffusers pipeline dir (``text_encoder/`` + ``tokenizer/``),
         a Wan repo dir (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``), or a hub id of any."""
-        require_packages("the umT5 text encoder", "transformers")
         location = resolve_model_dir(str(path_or_id))
         root = location.parent if location.is_file() else location
         return cls(_load_umt5_model(location, dtype), _load_tokenizer(root), text_len=text_len, device=device,
@@ -104,6 +103,7 @@ def _load_umt5_model(location: Path, dtype: torch.dtype):
 
 
 def _load_transformers_umt5(folder: Path, dtype: torch.dtype):
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import UMT5EncoderModel
 
     try:
@@ -113,6 +113,7 @@ def _load_transformers_umt5(folder: Path, dtype: torch.dtype):
 
 
 def _load_tokenizer(root: Path):
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import AutoTokenizer
 
     for folder in (root / "tokenizer", root / WAN_TOKENIZER_DIR, root):
@@ -156,6 +157,7 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_wan_t5(path: Path):
     """A ``UMT5EncoderModel`` from a Wan-format checkpoint; its shape is read off the weights."""
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import UMT5Config, UMT5EncoderModel
 
     try:

@@ -310,9 +310,9 @@ def live_tensor_bytes() -> int:
             continue
         try:
             storage = obj.untyped_storage()
-        except Exception:
+            key = (storage.device, storage.data_ptr())
+        except Exception:  # meta / fake tensors own no memory
             continue
-        key = (storage.device, storage.data_ptr())
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()
