@@ -223,7 +223,10 @@ class StreamT1Engine:
 
     def _memory_limit(self) -> tuple[int | None, str]:
         if self.memory_limit == "auto":
-            return available_memory(self.device)
+            free, where = available_memory(self.device)
+            # the pool of the previous run is reused or freed before this one allocates: it is room too
+            held = self._cache.pool.nbytes() if self._cache is not None else 0
+            return free + held, where
         return self.memory_limit, "memory limit"
 
     def estimate_memory(self, *, num_chunks: int = 7, search: str | SearchConfig = "none", height: int | None = None,

@@ -110,7 +110,8 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     """(bytes free for the run, where the number comes from) on ``device``."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"free on {device}"
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        return int(free + cached), f"free on {device}"
     return host_available_memory(), "available RAM"
 
 
