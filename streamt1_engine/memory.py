@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .config import WanConfig
-from .errors import StreamT1Error, require
+from .errors import require
 
 GIB = 1024 ** 3
 # Float32 working copies per decoded output value (input planes, intermediates, clamp/convert); a VAE class
@@ -167,16 +167,6 @@ def largest_fitting(fits, high: int) -> int:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
-
-
-def check_fits(model: WanConfig, shape: RunShape, limit: int, where: str, strategy: str, step: int,
-               weight_bytes: int = 0) -> MemoryEstimate:
-    """The estimate, or StreamT1Error in one line with the largest candidate count (or frame size) that fits.
-    ``step``: the frame-size granularity (VAE factor x patch)."""
-    estimate = estimate_memory(model, shape, weight_bytes)
-    if estimate.run <= limit:
-        return estimate
-    raise StreamT1Error(refusal(model, shape, estimate, limit, where, strategy, step))
 
 
 def refusal(model: WanConfig, shape: RunShape, estimate: MemoryEstimate, limit: int, where: str, strategy: str,

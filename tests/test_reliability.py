@@ -22,7 +22,7 @@ from streamt1_engine import SearchConfig, StreamT1Engine, StreamT1Error
 from streamt1_engine.cli import default_threads, main
 from streamt1_engine.config import SamplerConfig, StreamConfig, WanConfig
 from streamt1_engine.loaders import BUILTIN_DIR
-from streamt1_engine.memory import RunShape, estimate_memory, largest_fitting, parse_size
+from streamt1_engine.memory import RunShape, largest_fitting, parse_size
 from streamt1_engine.model.loading import wan_config_from_diffusers
 from streamt1_engine.video_io import Mp4StreamWriter, read_video, write_json
 
