@@ -416,9 +416,9 @@ CONFIG_CASES = [
     (lambda: SamplerConfig(shift=float("nan")), "SamplerConfig.shift must be a finite number"),
     (lambda: SamplerConfig(denoising_steps=("a",)), r"SamplerConfig.denoising_steps\[0\] must be a number"),
     (lambda: SamplerConfig(warp_denoising_steps="false"), "SamplerConfig.warp_denoising_steps must be true or false"),
-    (lambda: wan_config_from_diffusers({"num_layers": "thirty"}), "config.json: num_layers must be an integer"),
+    (lambda: wan_config_from_diffusers({"num_layers": "thirty"}), "num_layers must be an integer, got .thirty."),
     (lambda: wan_config_from_diffusers({"num_attention_heads": 1.5}), "num_attention_heads must be an integer"),
-    (lambda: wan_config_from_diffusers({"eps": "small"}), "config.json: eps must be a number"),
+    (lambda: wan_config_from_diffusers({"eps": "small"}), "eps must be a number, got .small."),
     (lambda: write_json(Path("never-written.json"), {"score": float("nan")}), "non-finite number"),
 ]
 
@@ -583,3 +583,16 @@ def test_failure_at_a_later_chunk_keeps_the_final_chunks_before_it(tmp_path, cap
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["status"] == "failed" and "non-finite" in record["error"]
     assert read_video(out).shape[0] == record["num_frames"] == 6
+
+
+def test_diffusers_config_with_a_string_for_an_int_names_the_file_and_key(tmp_path):
+    from safetensors.torch import save_file
+
+    from streamt1_engine.model.loading import load_dit
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel",
+                                                      "num_attention_heads": 2, "num_layers": "two"}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(StreamT1Error, match=r"config.json: num_layers must be an integer") as e:
+        load_dit(str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -116,7 +116,7 @@ def _get(cfg: Mapping, key: str, default, kind: type = int):
     ok = isinstance(value, bool) if kind is bool else (
         isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
     wanted = {int: "an integer", float: "a number", bool: "true or false"}[kind]
-    require(ok, f"model config.json: {key} must be {wanted}, got {value!r}")
+    require(ok, f"{key} must be {wanted}, got {value!r}")
     return kind(value)
 
 
@@ -213,10 +213,13 @@ def infer_wan_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
 def _config_from_json(config_json: Mapping, path: Path) -> tuple[WanConfig, str]:
     """Parse a config.json of either layout; returns the config and the naming it implies."""
     class_name = config_json.get("_class_name")
-    if class_name == "WanTransformer3DModel" or "num_attention_heads" in config_json:
-        return wan_config_from_diffusers(config_json), "diffusers"
-    if class_name in ("WanModel", "CausalWanModel") or "dim" in config_json:
-        return wan_config_from_original(config_json), "wan"
+    try:
+        if class_name == "WanTransformer3DModel" or "num_attention_heads" in config_json:
+            return wan_config_from_diffusers(config_json), "diffusers"
+        if class_name in ("WanModel", "CausalWanModel") or "dim" in config_json:
+            return wan_config_from_original(config_json), "wan"
+    except StreamT1Error as exc:
+        raise StreamT1Error(f"{path}: {exc}") from None
     raise StreamT1Error(f"{path} is neither a diffusers WanTransformer3DModel nor an original Wan config")
 
 
