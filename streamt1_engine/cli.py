@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import STREAM_PRESETS
@@ -12,6 +18,28 @@ from .presets import RUN_PRESETS
 from .search.config import NOISE_MODES, REWARD_FRAMES, SHORT_HISTORIES, STRATEGIES, SearchConfig
 
 log = logging.getLogger("streamt1")
+MAX_DEFAULT_THREADS = 8
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def default_threads() -> int:
+    """CPUs this process may use, less the ones other processes keep busy (1-minute load average), in
+    [1, 8]: on a loaded CPU, more compute threads than idle cores make torch's kernels wait on each other."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        busy = 0
+    return max(1, min(cpus - busy, cpus, MAX_DEFAULT_THREADS))
 
 
 def _search_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +105,13 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
                      choices=["auto", "torch", "triton", "sdpa", "flash_attn", "xformers"])
     gen.add_argument("--height", type=int, default=None, help="frame height in pixels (model default)")
     gen.add_argument("--width", type=int, default=None, help="frame width in pixels (model default)")
-    gen.add_argument("--fps", type=int, default=None, help="video frame rate (model default)")
+    gen.add_argument("--fps", type=positive_int, default=None, help="video frame rate (model default)")
+    gen.add_argument("--threads", type=positive_int, default=None,
+                     help="CPU compute threads (torch.set_num_threads); default: the CPUs this process may use "
+                          "less the 1-minute load average, between 1 and 8")
+    gen.add_argument("--memory-limit", default="auto",
+                     help="memory a run may take besides the weights, e.g. 16G or 512M; auto (default): what the "
+                          "device has free; none: no check")
     gen.add_argument("--cuda-graphs", action="store_true", help="replay each chunk from CUDA graphs (CUDA only)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-v", "--verbose", action="store_true", help="log every chunk's search decisions")
@@ -135,24 +169,130 @@ def _log_record(record) -> None:
              fmt(record.hybrid_scores), record.survivors, record.route_flags, record.sink_frames)
 
 
+def check_output(output: Path) -> Path:
+    """Before any work: an .mp4 path that is not a directory, in an existing folder we can write to."""
+    if output.suffix.lower() != ".mp4":
+        raise StreamT1Error(f"output must end in .mp4, got {output}")
+    record = output.with_suffix(".json")
+    for path in (output, record):
+        if path.is_dir():
+            raise StreamT1Error(f"output {path} is a directory")
+    folder = output.parent
+    if not folder.exists():
+        raise StreamT1Error(f"output directory {folder} does not exist")
+    try:  # a probe file, since permission bits do not tell about read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StreamT1Error(f"cannot write to output directory {folder}: {exc.strerror or exc}") from None
+    return record
+
+
+def check_room(folder: Path, frames: int, height: int, width: int) -> None:
+    """Room for the video before generating it: a quarter of the raw frames, plus a margin for the record."""
+    need = frames * height * width * 3 // 4 + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise StreamT1Error(f"not enough free space in {folder} for the video: about {need / 2**20:.1f} MiB "
+                            f"needed, {free / 2**20:.1f} MiB free")
+
+
+class Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM stop the run with ``Interrupted``, but never in the middle of writing the output: a
+    signal that arrives while ``writing()`` is raised right after the write."""
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.depth = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.pending = signum
+        if self.depth == 0:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def writing(self, check: bool = True):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if check and self.pending is not None and self.depth == 0:
+            raise Interrupted(self.pending)
+
+
 def generate(args) -> int:
     from tqdm import tqdm
 
-    from .engine import StreamT1Engine
-    from .video_io import write_mp4
+    from .engine import StreamT1Engine, require_text
+    from .memory import parse_size
+    from .video_io import Mp4StreamWriter, write_json
 
     output = Path(args.output)
-    if output.suffix.lower() != ".mp4":
-        raise StreamT1Error(f"output must end in .mp4, got {output}")
-    if not output.parent.exists():
-        raise StreamT1Error(f"output directory {output.parent} does not exist")
+    record_path = check_output(output)
+    require_text(args.prompt, "prompt")
     search = search_config(args)
+    _warn_ignored(args, search)
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
+    memory_limit = parse_size(args.memory_limit) if args.memory_limit != "auto" else "auto"
     engine = StreamT1Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             attention_backend=args.attention_backend, text_encoder=args.text_encoder,
                                             vae=args.vae, lora=args.lora, lora_alpha=args.lora_alpha,
-                                            cuda_graphs=args.cuda_graphs, **stream_options(args))
+                                            cuda_graphs=args.cuda_graphs, memory_limit=memory_limit,
+                                            **stream_options(args))
+    fps = args.fps if args.fps is not None else engine.fps
+    estimate = engine.check_memory(num_chunks=args.chunks, search=search, height=args.height, width=args.width)
+    factor = engine.vae.spatial_factor
+    stream_cfg = engine.config.stream
+    height = args.height or stream_cfg.latent_height * factor
+    width = args.width or stream_cfg.latent_width * factor
+    check_room(output.parent, args.chunks * engine.vae.frames_per_chunk(False, stream_cfg.chunk_frames), height, width)
     bar = None
     seen = 0
+    info: dict = {}
+    writer = Mp4StreamWriter(output, fps=fps)
+    seeds: list[int] = []
+    status = "running"
+    written_record = False
+
+    def record() -> dict:
+        data = {"prompt": args.prompt, "status": status, "num_frames": writer.frames_written,
+                "frame_size": list(writer.size) if writer.size else [height, width], "fps": fps,
+                "final_chunks": len(seeds), "chunk_seeds": list(seeds), "video": str(output),
+                "command": ["streamt1", *sys.argv[1:]], "memory_estimate": estimate.to_dict(),
+                "search": search.used_dict(), "seed": args.seed, "num_chunks": args.chunks}
+        data.update({k: v for k, v in info.items() if k != "records"})
+        data["chunks"] = [r.to_dict() for r in info.get("records", [])]
+        if failure is not None:
+            data["error"] = str(failure)
+        return data
+
+    def save_record() -> None:
+        nonlocal written_record
+        with guard.writing():
+            write_json(record_path, record())
+            written_record = True
 
     def progress(done, total):
         nonlocal seen, bar
@@ -160,27 +300,75 @@ def generate(args) -> int:
             bar = tqdm(total=total, unit="chunk", disable=args.no_progress, file=sys.stderr, initial=0)
         bar.update(done - seen)
         seen = done
+        save_record()
 
-    try:
-        result = engine.generate(args.prompt, num_chunks=args.chunks, seed=args.seed, search=search,
-                                 short_reward=args.short_reward, long_reward=args.long_reward,
-                                 final_reward=args.final_reward, height=args.height, width=args.width,
-                                 progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    interrupted = failure = None
+    with SignalGuard() as guard:
+        try:
+            try:
+                for chunk in engine.stream(args.prompt, num_chunks=args.chunks, seed=args.seed, search=search,
+                                           short_reward=args.short_reward, long_reward=args.long_reward,
+                                           final_reward=args.final_reward, height=args.height, width=args.width,
+                                           progress=progress, info=info):
+                    with guard.writing():
+                        writer.append(chunk.frames.numpy())
+                        seeds.append(chunk.seed)
+                status = "complete"
+            except Interrupted as exc:
+                interrupted, status = exc, "interrupted"
+            except StreamT1Error as exc:  # e.g. non-finite latents or out of memory at a later chunk
+                failure, status = exc, "failed"
+            finally:
+                if bar is not None:
+                    bar.close()
+            with guard.writing(check=False):  # finishing the output is not interrupted
+                if writer.frames_written:  # the record first: a video never appears without its record
+                    write_json(record_path, record())
+                    written_record = True
+                    writer.close()
+                else:
+                    writer.abort()
+                    if written_record:
+                        write_json(record_path, record())
+        except OSError as exc:
+            writer.abort()
+            if written_record:
+                record_path.unlink(missing_ok=True)
+            raise StreamT1Error(f"cannot write {exc.filename or output}: {exc.strerror or exc}") from None
+        except BaseException:
+            writer.abort()
+            if written_record:
+                record_path.unlink(missing_ok=True)
+            raise
     if args.verbose:
-        for record in result.chunks:
-            _log_record(record)
-    fps = args.fps or result.fps
-    write_mp4(output, result.frames.numpy(), fps=fps)
-    record_path = output.with_suffix(".json")
-    result.info["video"] = str(output)
-    result.info["command"] = ["streamt1", *sys.argv[1:]]
-    result.save_json(record_path)
-    print(f"wrote {output} ({result.frames.shape[0]} frames, {result.frames.shape[2]}x{result.frames.shape[1]}, "
-          f"{fps} fps) and {record_path}")
+        for chunk_record in info.get("records", []):
+            _log_record(chunk_record)
+    if failure is not None:
+        if not writer.frames_written:
+            raise failure
+        raise StreamT1Error(f"{failure} (kept the {len(seeds)} final chunks before it: {output}, {record_path})")
+    if interrupted is not None:
+        kept = f"kept {output} ({writer.frames_written} frames of {len(seeds)} final chunks) and {record_path}" \
+            if writer.frames_written else f"no chunk was final yet; {record_path} says so" if written_record else \
+            "nothing was written"
+        print(f"interrupted by {interrupted}: {kept}", file=sys.stderr)
+        return 128 + interrupted.signum
+    print(f"wrote {output} ({writer.frames_written} frames, {width}x{height}, {fps} fps) and {record_path}")
     return 0
+
+
+def _warn_ignored(args, search: SearchConfig) -> None:
+    """Options the chosen strategy does not use are named once, so nobody believes they took effect."""
+    defaults = SearchConfig()
+    given = [name for name in search.ignored_options
+             if hasattr(args, name) and getattr(args, name) != getattr(defaults, name)]
+    for flag, name in (("--no-noise-propagation", "noise_propagation"), ("--no-reward-pruning", "reward_pruning"),
+                       ("--no-memory-sinking", "memory_sinking")):
+        if name in search.ignored_options and getattr(args, "no_" + name, False):
+            given.append(flag.lstrip("-").replace("-", "_"))
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        print(f"warning: --search {search.strategy} ignores {flags}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .errors import require
+from .validation import at_least, between, validate_fields
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class WanConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        validate_fields(self, _WAN_RULES)
         require(self.dim % self.num_heads == 0, f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         require(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
         require(self.patch_size[0] == 1, "only a temporal patch size of 1 is supported (causal chunks)")
@@ -97,6 +99,7 @@ class StreamConfig:
     max_frames: int = 4096
 
     def __post_init__(self):
+        validate_fields(self, _STREAM_RULES)
         c = self.num_frame_per_block
         require(c >= 1, "num_frame_per_block must be >= 1")
         require(self.sink_size >= 0 and self.sink_size % c == 0,
@@ -208,10 +211,19 @@ class SamplerConfig:
     context_timestep: float = 0.0
 
     def __post_init__(self):
+        validate_fields(self, _SAMPLER_RULES)
         require(len(self.denoising_steps) >= 1, "at least one denoising step is needed")
         require(all(0 < t <= self.num_train_timesteps for t in self.denoising_steps),
                 "denoising steps must lie in (0, num_train_timesteps]")
         object.__setattr__(self, "denoising_steps", tuple(float(t) for t in self.denoising_steps))
+
+
+# Ranges checked by validate_fields on top of the annotated types (one line naming the field on failure).
+_WAN_RULES = {name: at_least(1) for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels",
+                                             "out_channels", "text_dim", "text_len", "freq_dim", "patch_size")}
+_WAN_RULES.update(eps=between(0.0, 1.0), rope_theta=at_least(1.0))
+_STREAM_RULES = {"latent_height": at_least(1), "latent_width": at_least(1), "max_frames": at_least(1)}
+_SAMPLER_RULES = {"shift": at_least(0.0), "num_train_timesteps": at_least(1), "context_timestep": at_least(0.0)}
 
 
 @dataclass

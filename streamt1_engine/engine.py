@@ -4,13 +4,11 @@ pieces together and keeps the run record."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -20,6 +18,7 @@ from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import StreamT1Error, require
+from .memory import DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, refusal
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
 from .sampler import make_schedule
@@ -30,6 +29,14 @@ MAX_CHUNKS = 100_000
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def require_text(text: str, what: str) -> None:
+    """Text that cannot be UTF-8 encoded (bytes a command line could not decode) is refused in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StreamT1Error(f"{what} is not valid UTF-8 text (undecodable byte at position {exc.start})") from None
 
 
 def parse_device(device) -> torch.device:
@@ -110,20 +117,21 @@ class GenerationResult:
                 "chunks": [c.to_dict() for c in self.chunks]}
 
     def save_json(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        from .video_io import write_json
+
+        write_json(path, self.to_dict())
 
 
 class StreamT1Engine:
     def __init__(self, model: CausalWanDiT, text_encoder, vae, config: EngineConfig, *, device="cpu",
                  dtype=None, attention_backend: str = "auto", fps: int = 16, name: str = "custom",
                  default_rewards: dict | None = None, use_nvtx: bool = True, cuda_graphs: bool = False,
-                 compile_blocks: bool = False, sync_stages: bool = False):
+                 compile_blocks: bool = False, sync_stages: bool = False, memory_limit: int | str | None = "auto"):
         """``cuda_graphs``: replay each chunk's denoising loop and context pass from CUDA graphs (CUDA only;
         ignored with a warning on CPU). ``compile_blocks``: experimental ``torch.compile`` of every DiT block.
-        ``sync_stages``: synchronise the device at stage boundaries so per-stage seconds are exact."""
+        ``sync_stages``: synchronise the device at stage boundaries so per-stage seconds are exact.
+        ``memory_limit``: bytes a run may take on top of the loaded weights; "auto" (default) is what the
+        device has free (available RAM on CPU), None turns the up-front check off."""
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.backend = resolve_backend(attention_backend, self.device)
@@ -140,6 +148,10 @@ class StreamT1Engine:
             warnings.warn(GRAPHS_NEED_CUDA, RuntimeWarning, stacklevel=2)
         self._graphed = None  # GraphedDenoiser bound to self._cache's pool
         self._running = threading.Lock()  # held by the one stream that owns the KV pool and the graphs
+        require(memory_limit in ("auto", None) or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool)
+                                                   and memory_limit > 0),
+                f"memory_limit must be 'auto', None or a positive number of bytes, got {memory_limit!r}")
+        self.memory_limit = memory_limit
         if compile_blocks:
             compile_dit_blocks(self.model)
         self.schedule = make_schedule(config.sampler)
@@ -175,6 +187,7 @@ class StreamT1Engine:
     # -- generation -------------------------------------------------------------------------------
     def _check_request(self, prompt, num_chunks, seed, search, height, width):
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
+        require_text(prompt, "prompt")
         require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
                 f"num_chunks must be a positive integer, got {num_chunks!r}")
         stream = self.config.stream
@@ -203,6 +216,58 @@ class StreamT1Engine:
                     f"(VAE factor {factor} x patch {ph}x{pw})")
             lh, lw = height // factor, width // factor
         return search, dataclasses.replace(stream, latent_height=lh, latent_width=lw)
+
+    def _run_shape(self, stream_cfg: StreamConfig, search: SearchConfig, num_chunks: int) -> RunShape:
+        f, factor = stream_cfg.chunk_frames, self.vae.spatial_factor
+        return RunShape(
+            children=search.children_per_beam, survivors=search.survivors, beam_pages=stream_cfg.max_pages_per_beam,
+            latent_height=stream_cfg.latent_height, latent_width=stream_cfg.latent_width, chunk_latent_frames=f,
+            frames_per_chunk=max(self.vae.frames_per_chunk(True, f), self.vae.frames_per_chunk(False, f)),
+            frame_height=stream_cfg.latent_height * factor, frame_width=stream_cfg.latent_width * factor,
+            num_chunks=num_chunks, window_chunks=search.window_chunks, uses_rewards=search.uses_rewards,
+            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            vae_bytes_per_pixel=getattr(self.vae, "decode_bytes_per_pixel", DEFAULT_VAE_BYTES_PER_PIXEL))
+
+    def _weight_bytes(self) -> int:
+        modules = [m for m in (self.model, self.text_encoder) if isinstance(m, torch.nn.Module)]
+        return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+
+    def _memory_limit(self) -> tuple[int | None, str]:
+        if self.memory_limit == "auto":
+            free, where = available_memory(self.device)
+            # the pool of the previous run is reused or freed before this one allocates: it is room too
+            held = self._cache.pool.nbytes() if self._cache is not None else 0
+            return free + held, where
+        return self.memory_limit, "memory limit"
+
+    def estimate_memory(self, *, num_chunks: int = 7, search: str | SearchConfig = "none", height: int | None = None,
+                        width: int | None = None) -> MemoryEstimate:
+        """Peak memory of a run with these options (bytes per term; see ``streamt1_engine.memory``)."""
+        search, stream_cfg = self._check_request("estimate", num_chunks, 0, search, height, width)
+        return estimate_memory(self.config.model, self._run_shape(stream_cfg, search, num_chunks), self._weight_bytes())
+
+    def check_memory(self, *, num_chunks: int = 7, search: str | SearchConfig = "none", height: int | None = None,
+                     width: int | None = None) -> MemoryEstimate:
+        """The estimate, or StreamT1Error with the largest search (or frame size) that fits ``memory_limit``."""
+        search, stream_cfg = self._check_request("check", num_chunks, 0, search, height, width)
+        return self._check_memory(stream_cfg, search, num_chunks)[0]
+
+    def _check_memory(self, stream_cfg, search, num_chunks):
+        """Refuse up front (one line, with the largest N or frame size that fits) a run that cannot fit."""
+        shape = self._run_shape(stream_cfg, search, num_chunks)
+        estimate = estimate_memory(self.config.model, shape, self._weight_bytes())
+        limit, where = self._memory_limit()
+        step = self.vae.spatial_factor * max(self.config.model.patch_size[1:])
+        if limit is not None and estimate.run > limit:
+            raise StreamT1Error(refusal(self.config.model, shape, estimate, limit, where, search.strategy, step))
+
+        def out_of_memory(chunk: int) -> StreamT1Error:
+            # the estimate was too low for this device: suggest what fits in half of what was thought to fit
+            room = int(min(limit or estimate.run, estimate.run) * 0.5)
+            text = refusal(self.config.model, shape, estimate, room, where, search.strategy, step)
+            return StreamT1Error(f"out of memory on {self.device} at chunk {chunk}: {text}")
+
+        return estimate, limit, out_of_memory
 
     def _rewards(self, search: SearchConfig, short_reward, long_reward, final_reward):
         if not search.uses_rewards:
@@ -249,7 +314,8 @@ class StreamT1Engine:
 
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
-               width: int | None = None, progress: Callable[[int, int], None] | None = None) -> Iterator[StreamChunk]:
+               width: int | None = None, progress: Callable[[int, int], None] | None = None,
+               info: dict | None = None) -> Iterator[StreamChunk]:
         """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick.
 
         ``search``: "none", "best_of_n", "stream_t1" or a SearchConfig. Rewards: names, reward objects or
@@ -257,14 +323,18 @@ class StreamT1Engine:
         weight-free built-ins). ``progress(done, total)`` is called after every chunk.
 
         An engine runs one stream at a time (it owns one KV pool): while this generator is neither exhausted
-        nor closed, another ``stream``/``generate`` on the same engine raises StreamT1Error."""
+        nor closed, another ``stream``/``generate`` on the same engine raises StreamT1Error.
+
+        ``info``: a dict that the run record fills as the stream goes (``records``, the per-chunk search
+        records, and ``memory_estimate`` from the start; the rest once the stream has finished)."""
         return self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, short_reward=short_reward,
                             long_reward=long_reward, final_reward=final_reward, height=height, width=width,
-                            progress=progress, info=None)
+                            progress=progress, info=info)
 
     def _stream(self, prompt, *, num_chunks, seed, search, short_reward, long_reward, final_reward, height, width,
                 progress, info: dict | None) -> Iterator[StreamChunk]:
         search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
+        estimate, memory_limit, out_of_memory = self._check_memory(stream_cfg, search, num_chunks)
         short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
         # One KV pool and one set of CUDA graphs per engine: a second stream running at the same time (an
         # interleaved generator, another thread) would reset the pool under the first one.
@@ -288,15 +358,26 @@ class StreamT1Engine:
                                 context_timestep=self.config.sampler.context_timestep,
                                 denoiser=self._denoiser_for(cache, text))
             emitted = 0
+            if info is not None:  # filled as the stream goes, so a caller can write the record after every chunk
+                info.update(records=runner.records, memory_estimate=estimate.to_dict(), memory_limit=memory_limit)
             try:
                 for c in range(num_chunks):
-                    with torch.inference_mode():
-                        runner.step()
+                    try:
+                        with torch.inference_mode():
+                            runner.step()
+                    except torch.OutOfMemoryError:
+                        raise out_of_memory(c) from None
+                    except RuntimeError as exc:
+                        if "can't allocate memory" not in str(exc):
+                            raise
+                        raise out_of_memory(c) from None
                     if progress is not None:
                         progress(c + 1, num_chunks)
                     final_nodes = runner.final_chunks() if c + 1 < num_chunks else []
                     for node in final_nodes[emitted:]:
-                        yield _to_stream_chunk(node)
+                        chunk = _to_stream_chunk(node)
+                        runner.mark_emitted(node)
+                        yield chunk
                     emitted = max(emitted, len(final_nodes))
                 with torch.inference_mode(), timer.range("final_pick"):
                     best, beam_scores = runner.choose_final(final)
@@ -305,7 +386,7 @@ class StreamT1Engine:
                 if info is not None:
                     info.update(
                         records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                        search=search.to_dict(), stream=stream_cfg.to_dict(), seed=seed, num_chunks=num_chunks,
+                        search=search.used_dict(), stream=stream_cfg.to_dict(), seed=seed, num_chunks=num_chunks,
                         model=self.name,
                         device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                         attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
@@ -333,7 +414,12 @@ class StreamT1Engine:
 
 
 def _to_stream_chunk(node) -> StreamChunk:
-    return StreamChunk(node.index, node.frames.cpu(), node.latents.float().cpu(), node.seed)
+    latents = node.latents.float().cpu()
+    # checked on the host copy the output needs anyway: no extra device synchronisation
+    if not bool(torch.isfinite(latents).all()):
+        raise StreamT1Error(f"chunk {node.index} has non-finite latents (NaN or infinity): the model's weights or "
+                            "inputs are corrupt, or the dtype overflows")
+    return StreamChunk(node.index, node.frames.cpu(), latents, node.seed)
 
 
 __all__ = ["StreamT1Engine", "GenerationResult", "StreamChunk", "parse_device", "parse_dtype"]

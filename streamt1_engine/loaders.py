@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
-from .errors import StreamT1Error, require
+from .errors import StreamT1Error, require, require_packages
 from .model.wan import CausalWanDiT
+from .validation import build_config
 
 ENGINE_FORMAT = "streamt1-engine"
 ENGINE_CONFIG_FILE = "streamt1.json"
@@ -27,6 +28,10 @@ def checkpoint_stream_preset(lora) -> str:
     is the layout of causal Wan DiTs converted to those formats, and the closest to the full attention of the
     bidirectional Wan2.1 base."""
     return "stream-t1" if lora is not None else "self-forcing"
+
+
+ENGINE_CONFIG_KEYS = ("format", "version", "name", "description", "model", "stream", "sampler", "text_encoder",
+                      "vae", "weights", "fps", "rewards", "training")
 
 
 @dataclass
@@ -65,23 +70,29 @@ def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None, vae
         spec = json.loads((directory / ENGINE_CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise StreamT1Error(f"{directory / ENGINE_CONFIG_FILE} is not valid JSON: {exc}") from None
-    require(spec.get("format") == ENGINE_FORMAT, f"{directory / ENGINE_CONFIG_FILE} is not a {ENGINE_FORMAT} config")
+    where = directory / ENGINE_CONFIG_FILE
+    require(isinstance(spec, dict) and spec.get("format") == ENGINE_FORMAT, f"{where} is not a {ENGINE_FORMAT} config")
+    unknown = sorted(set(spec) - set(ENGINE_CONFIG_KEYS))
+    require(not unknown, f"{where} has unknown keys {unknown}; known: {list(ENGINE_CONFIG_KEYS)}")
     for key in ("model", "text_encoder", "vae"):
-        require(key in spec, f"{directory / ENGINE_CONFIG_FILE} lacks the {key!r} section")
-    model_cfg = WanConfig.from_dict(spec["model"])
-    stream = StreamConfig.from_dict(spec.get("stream", {}))
-    sampler_spec = dict(spec.get("sampler", {}))
-    if "denoising_steps" in sampler_spec:
-        sampler_spec["denoising_steps"] = tuple(sampler_spec["denoising_steps"])
-    sampler = SamplerConfig(**sampler_spec)
+        require(key in spec, f"{where} lacks the {key!r} section")
+    model_cfg = build_config(WanConfig, spec["model"], f"{where} 'model'")
+    stream = build_config(StreamConfig, spec.get("stream", {}), f"{where} 'stream'", StreamConfig.from_dict)
+    sampler = build_config(SamplerConfig, spec.get("sampler", {}), f"{where} 'sampler'")
+    fps = spec.get("fps", 16)
+    require(isinstance(fps, int) and not isinstance(fps, bool) and fps > 0,
+            f"{where} 'fps' must be a positive integer, got {fps!r}")
     weights = directory / spec.get("weights", "dit.safetensors")
     require(weights.exists(), f"missing weights file {weights}")
     model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, lora_alpha=lora_alpha, device="cpu",
                      dtype=torch.float32,
                      max_frames=stream.max_frames)
+    if isinstance(spec["vae"], dict) and spec["vae"].get("type") == "wan":
+        require_packages(f"the Wan VAE of {directory}", "diffusers")
     text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
     vae = build_vae(spec["vae"], directory, device, vae_dtype)
-    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=int(spec.get("fps", 16)),
+    check_finite_tensors(text, f"text encoder of {directory}")
+    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=fps,
                       name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
 
 
@@ -105,6 +116,7 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
         from .hub import resolve_model_dir
 
         path = resolve_model_dir(source)
+        _require_model_source(path, source)
         if path.is_dir() and (path / ENGINE_CONFIG_FILE).exists():
             _register_builtin_components()
             parts = _engine_dir_parts(path, device, dtype, lora, lora_alpha, vae_dtype)
@@ -119,6 +131,26 @@ def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=
     return parts
 
 
+def _require_model_source(path: Path, source: str) -> None:
+    """A folder that holds no model files gets its own message, not the bare-checkpoint one."""
+    if not path.is_dir():
+        return
+    require(any(path.iterdir()), f"model directory {path} is empty")
+    markers = (ENGINE_CONFIG_FILE, "model_index.json", "config.json", "transformer")
+    weights = ("*.safetensors", "*.safetensors.index.json", "*.pt", "*.pth", "*.bin", "*.ckpt")
+    found = any((path / m).exists() for m in markers) or any(any(path.glob(w)) for w in weights)
+    require(found, f"{source!r} is not a model directory: it has no {ENGINE_CONFIG_FILE}, model_index.json, "
+                   "config.json or weights files")
+
+
+def check_finite_tensors(module, what: str) -> None:
+    """Refuse weights holding NaN or infinities (a corrupt file would otherwise give a silent black video)."""
+    from .model.loading import check_finite_weights
+
+    if isinstance(module, torch.nn.Module):
+        check_finite_weights(module.state_dict(), what)
+
+
 def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, lora_alpha=None,
                vae_dtype=None) -> ModelParts:
     """A Wan-architecture DiT from diffusers / original Wan / Self-Forcing / LongLive files."""
@@ -126,6 +158,7 @@ def _wan_parts(path: Path, source: str, device, dtype, text_encoder, vae, lora, 
     from .text_encoders import build_text_encoder
     from .vae import build_vae
 
+    require_packages(f"the Wan model {source!r} (umT5 text encoder, Wan VAE)", "diffusers", "transformers")
     is_pipeline = path.is_dir() and (path / "model_index.json").exists()
     if not is_pipeline:
         require(text_encoder is not None and vae is not None,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .registry import ComponentRegistry, component_path
-from .errors import StreamT1Error, require
+from .errors import StreamT1Error, require, require_packages
 from .hub import resolve_model_dir
 
 WAN_T5_GLOB = "models_t5_*.pth"  # the Wan repos' umT5 encoder weights, in Wan's own module names
@@ -103,6 +103,7 @@ def _load_umt5_model(location: Path, dtype: torch.dtype):
 
 
 def _load_transformers_umt5(folder: Path, dtype: torch.dtype):
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import UMT5EncoderModel
 
     try:
@@ -112,6 +113,7 @@ def _load_transformers_umt5(folder: Path, dtype: torch.dtype):
 
 
 def _load_tokenizer(root: Path):
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import AutoTokenizer
 
     for folder in (root / "tokenizer", root / WAN_TOKENIZER_DIR, root):
@@ -155,6 +157,7 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_wan_t5(path: Path):
     """A ``UMT5EncoderModel`` from a Wan-format checkpoint; its shape is read off the weights."""
+    require_packages("the umT5 text encoder", "transformers")
     from transformers import UMT5Config, UMT5EncoderModel
 
     try:

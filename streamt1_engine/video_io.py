@@ -5,6 +5,7 @@ so an interrupted run never leaves a truncated file under the requested name.
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from contextlib import contextmanager
@@ -85,6 +86,88 @@ def write_mp4(path: str | Path, frames, fps: float = 16, crf: int = 18, codec: s
             for image in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode(None))
+    return Path(path)
+
+
+class Mp4StreamWriter:
+    """An MP4 written chunk by chunk as a stream goes: ``append`` encodes frames right away (an encoder kept
+    open on a hidden temporary file next to ``path``), ``close`` flushes it and renames it onto ``path``, so
+    whatever was appended becomes a playable video; ``abort`` removes the temporary file. Frames are
+    uint8 [T, H, W, 3]; every chunk must have the first one's size."""
+
+    def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, codec: str | None = None):
+        import av
+
+        require(isinstance(fps, (int, float, Fraction)) and not isinstance(fps, bool) and fps > 0,
+                f"fps must be a positive number, got {fps!r}")
+        self.path = Path(path)
+        self.rate = Fraction(fps).limit_denominator(1001)
+        self.codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+        require(self.codec in ("libx264", "mpeg4"), f"unsupported codec {self.codec!r} (use libx264 or mpeg4)")
+        require(self.codec in av.codecs_available, f"codec {self.codec} is not available in this PyAV build")
+        self.crf = crf
+        self.temporary = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None
+        self._container = self._stream = None
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        self._container = av.open(str(self.temporary), mode="w", format="mp4")
+        stream = self._container.add_stream(self.codec, rate=self.rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        if self.codec == "libx264":
+            stream.options = {"crf": str(self.crf)}
+        else:
+            stream.bit_rate = int(height * width * float(self.rate) * 2)
+        self._stream = stream
+
+    def append(self, frames) -> None:
+        import av
+
+        frames = _pad_to_even(_check_uint8_frames(frames))
+        size = (frames.shape[1], frames.shape[2])
+        if self._container is None:
+            self.size = size
+            self._open(*size)
+        require(size == self.size, f"chunk frames are {size[0]}x{size[1]}, the video is {self.size[0]}x{self.size[1]}")
+        for image in frames:
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        self.frames_written += frames.shape[0]
+
+    def close(self) -> Path:
+        """Finish the video and move it onto ``path``; an error removes the temporary file and re-raises."""
+        require(self._container is not None, f"no frames were written to {self.path}")
+        try:
+            self._container.mux(self._stream.encode(None))
+            self._container.close()
+            self._container = None
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        if self._container is not None:
+            container, self._container = self._container, None
+            try:
+                container.close()
+            except Exception:  # the file is removed anyway
+                pass
+        self.temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Strict JSON (no NaN/Infinity, which JSON does not have) written atomically next to ``path``."""
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise StreamT1Error(f"cannot write {path}: the record holds a non-finite number ({exc})") from None
+    with _atomic_path(path) as temporary:
+        Path(temporary).write_text(text)
     return Path(path)
 
 

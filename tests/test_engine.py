@@ -40,15 +40,41 @@ def test_stream_yields_the_generated_chunks_in_order(engine):
     assert torch.equal(torch.cat([c.frames for c in streamed]), full.frames)
 
 
+def steps_when_agreed(records) -> dict[int, int]:
+    """From the records alone: chunk index -> first step after which every surviving beam shares that chunk."""
+    agreed, lineages = {}, []
+    for step, record in enumerate(records):
+        lineages = [((j,) if step == 0 else lineages[record.candidate_parents[j]] + (j,)) for j in record.survivors]
+        for i in range(step + 1):
+            if i not in agreed and len({lineage[:i + 1] for lineage in lineages}) == 1:
+                agreed[i] = step
+    return agreed
+
+
+def window_start_brightness(frames, prompt):
+    """Scores the first frame of the long-term window, i.e. the parent's chunk: siblings tie, so both
+    survivors come from the best parent and the beams agree on every chunk one step after it."""
+    return frames[:, 0].mean(dim=(1, 2, 3))
+
+
+def no_preference(frames, prompt):
+    return torch.zeros(frames.shape[0])
+
+
 def test_stream_t1_streams_agreed_chunks_early(engine):
-    search = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2)
+    search = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, window_chunks=2)
     seen = []
-    gen = engine.stream("a green triangle", num_chunks=5, seed=3, search=search, short_reward=brightness,
-                        long_reward=steadiness, progress=lambda done, total: seen.append(done))
+    gen = engine.stream("a green triangle", num_chunks=5, seed=3, search=search, short_reward=no_preference,
+                        long_reward=window_start_brightness, progress=lambda done, total: seen.append(done))
     indices = [(chunk.index, len(seen)) for chunk in gen]
     assert [i for i, _ in indices] == list(range(5))
-    result = engine.generate("a green triangle", num_chunks=5, seed=3, search=search, short_reward=brightness,
-                             long_reward=steadiness)
+    result = engine.generate("a green triangle", num_chunks=5, seed=3, search=search, short_reward=no_preference,
+                             long_reward=window_start_brightness)
+    # each chunk arrives right after the step at which all surviving beams first descend from it
+    agreed = steps_when_agreed(result.chunks)
+    expected = [agreed[i] + 1 if agreed.get(i, 4) < 4 else 5 for i in range(5)]
+    assert [done for _, done in indices] == expected
+    assert expected[0] < 5  # this run does agree early: the first chunk comes out before the stream ends
     assert result.frames.shape[0] == 15
     rec = result.chunks[1]
     assert len(rec.candidate_seeds) == 4 and len(rec.survivors) == 2 and rec.hybrid_scores is not None

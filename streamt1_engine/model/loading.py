@@ -109,6 +109,18 @@ def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 # --------------------------------------------------------------------------------------------- configs
 
+def _get(cfg: Mapping, key: str, default, kind: type = int):
+    """``cfg[key]`` (or ``default``) of JSON type ``kind``: a string where a number belongs is one clear line."""
+    value = cfg.get(key, default)
+    if value is None:
+        return value
+    ok = isinstance(value, bool) if kind is bool else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    wanted = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+    require(ok, f"{key} must be {wanted}, got {value!r}")
+    return kind(value)
+
+
 def wan_config_from_diffusers(config_json: Mapping) -> WanConfig:
     """WanConfig from a diffusers ``WanTransformer3DModel`` config.json (text-to-video models only)."""
     cfg = dict(config_json)
@@ -120,20 +132,20 @@ def wan_config_from_diffusers(config_json: Mapping) -> WanConfig:
                                       "model; only text-to-video Wan DiTs are supported")
     qk_norm = cfg.get("qk_norm", "rms_norm_across_heads")
     require(qk_norm == "rms_norm_across_heads", f"unsupported qk_norm {qk_norm!r} (need rms_norm_across_heads)")
-    heads = int(cfg.get("num_attention_heads", 40))
-    in_channels = int(cfg.get("in_channels", 16))
+    heads = _get(cfg, "num_attention_heads", 40)
+    in_channels = _get(cfg, "in_channels", 16)
     return WanConfig(
-        dim=heads * int(cfg.get("attention_head_dim", 128)),
-        ffn_dim=int(cfg.get("ffn_dim", 13824)),
+        dim=heads * _get(cfg, "attention_head_dim", 128),
+        ffn_dim=_get(cfg, "ffn_dim", 13824),
         num_heads=heads,
-        num_layers=int(cfg.get("num_layers", 40)),
+        num_layers=_get(cfg, "num_layers", 40),
         in_channels=in_channels,
-        out_channels=int(cfg.get("out_channels") or in_channels),
-        text_dim=int(cfg.get("text_dim", 4096)),
-        freq_dim=int(cfg.get("freq_dim", 256)),
-        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-        eps=float(cfg.get("eps", 1e-6)),
-        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        out_channels=_get(cfg, "out_channels", None) or in_channels,
+        text_dim=_get(cfg, "text_dim", 4096),
+        freq_dim=_get(cfg, "freq_dim", 256),
+        patch_size=cfg.get("patch_size", (1, 2, 2)),
+        eps=_get(cfg, "eps", 1e-6, float),
+        cross_attn_norm=_get(cfg, "cross_attn_norm", True, bool),
     )
 
 
@@ -142,22 +154,22 @@ def wan_config_from_original(config_json: Mapping) -> WanConfig:
     cfg = dict(config_json)
     model_type = cfg.get("model_type", "t2v")
     require(model_type == "t2v", f"Wan model_type is {model_type!r}; only text-to-video ('t2v') is supported")
-    require(bool(cfg.get("qk_norm", True)), "Wan config disables qk_norm, which this model always applies")
+    require(_get(cfg, "qk_norm", True, bool), "Wan config disables qk_norm, which this model always applies")
     window = tuple(cfg.get("window_size", (-1, -1)))
     require(window == (-1, -1), f"Wan config sets a local window_size {window}; only global attention is supported")
     return WanConfig(
-        dim=int(cfg.get("dim", 2048)),
-        ffn_dim=int(cfg.get("ffn_dim", 8192)),
-        num_heads=int(cfg.get("num_heads", 16)),
-        num_layers=int(cfg.get("num_layers", 32)),
-        in_channels=int(cfg.get("in_dim", 16)),
-        out_channels=int(cfg.get("out_dim", 16)),
-        text_dim=int(cfg.get("text_dim", 4096)),
-        text_len=int(cfg.get("text_len", 512)),
-        freq_dim=int(cfg.get("freq_dim", 256)),
-        patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-        eps=float(cfg.get("eps", 1e-6)),
-        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        dim=_get(cfg, "dim", 2048),
+        ffn_dim=_get(cfg, "ffn_dim", 8192),
+        num_heads=_get(cfg, "num_heads", 16),
+        num_layers=_get(cfg, "num_layers", 32),
+        in_channels=_get(cfg, "in_dim", 16),
+        out_channels=_get(cfg, "out_dim", 16),
+        text_dim=_get(cfg, "text_dim", 4096),
+        text_len=_get(cfg, "text_len", 512),
+        freq_dim=_get(cfg, "freq_dim", 256),
+        patch_size=cfg.get("patch_size", (1, 2, 2)),
+        eps=_get(cfg, "eps", 1e-6, float),
+        cross_attn_norm=_get(cfg, "cross_attn_norm", True, bool),
     )
 
 
@@ -202,10 +214,13 @@ def infer_wan_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
 def _config_from_json(config_json: Mapping, path: Path) -> tuple[WanConfig, str]:
     """Parse a config.json of either layout; returns the config and the naming it implies."""
     class_name = config_json.get("_class_name")
-    if class_name == "WanTransformer3DModel" or "num_attention_heads" in config_json:
-        return wan_config_from_diffusers(config_json), "diffusers"
-    if class_name in ("WanModel", "CausalWanModel") or "dim" in config_json:
-        return wan_config_from_original(config_json), "wan"
+    try:
+        if class_name == "WanTransformer3DModel" or "num_attention_heads" in config_json:
+            return wan_config_from_diffusers(config_json), "diffusers"
+        if class_name in ("WanModel", "CausalWanModel") or "dim" in config_json:
+            return wan_config_from_original(config_json), "wan"
+    except StreamT1Error as exc:
+        raise StreamT1Error(f"{path}: {exc}") from None
     raise StreamT1Error(f"{path} is neither a diffusers WanTransformer3DModel nor an original Wan config")
 
 
@@ -456,6 +471,15 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) 
                                             f"the model expects {tuple(tensor.shape)}")
 
 
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """One line naming the floating-point tensors that hold NaN or infinities (a corrupt or overflowed file)."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:MAX_LISTED_KEYS]) + (", ..." if len(bad) > MAX_LISTED_KEYS else "")
+        raise StreamT1Error(f"{what} is corrupt: {len(bad)} tensor{'s' if len(bad) != 1 else ''} hold NaN or "
+                            f"infinite values ({shown})")
+
+
 def load_dit(source, *, config: WanConfig | None = None, fmt: str = "auto", lora: str | None = None,
              lora_alpha: float | None = None, use_ema: bool = True, device="cpu", dtype=torch.float32,
              max_frames: int = 4096) -> CausalWanDiT:
@@ -477,6 +501,7 @@ def load_dit(source, *, config: WanConfig | None = None, fmt: str = "auto", lora
     if lora is not None:
         pairs, alphas, file_alpha = read_lora(lora)
         merge_lora(state, model, pairs, alphas, lora_alpha if lora_alpha is not None else file_alpha, device=device)
+    check_finite_weights(state, f"checkpoint {path}")
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -492,5 +517,5 @@ def save_dit(model: CausalWanDiT, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(directory / STREAMT1_WEIGHTS), metadata={"format": "streamt1"})
-    (directory / STREAMT1_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    (directory / STREAMT1_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2, allow_nan=False) + "\n")
     return directory

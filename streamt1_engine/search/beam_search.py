@@ -11,6 +11,7 @@ window prefix); the output video stays the streamed decode.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,11 +38,14 @@ class ChunkNode:
     parent: "ChunkNode | None"
     latents: torch.Tensor  # [C, F, h, w] float32; the last window_chunks - 1 of a beam feed its cold window decode
     frames: torch.Tensor  # [T, H, W, 3] uint8, device
-    initial_noise: torch.Tensor  # [C, F, h, w], what noise propagation hands to children
+    initial_noise: torch.Tensor | None  # [C, F, h, w], what noise propagation hands to children; dropped
+    # (None) once the node is no longer a beam's last chunk, since only a beam's last noise is propagated
     short: float | None = None
     long: float | None = None
     hybrid: float | None = None
     flag: RouteFlag = RouteFlag.DISCARD
+    emitted: bool = False  # handed to the caller as a final chunk
+    offloaded: bool = False  # out of every window: frames on the host, latents on the host or dropped
 
     def lineage(self) -> list["ChunkNode"]:
         nodes, node = [], self
@@ -262,10 +266,16 @@ class BeamSearch:
                 weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
                                        search.fusion_cap)
                 hybrid = weight * short + (1 - weight) * long
+            # a candidate with non-finite latents gets a NaN score: seen with the scores' own read-back below
+            hybrid = torch.where(torch.isfinite(x0).flatten(1).all(1), hybrid, torch.nan)
         survivors = self._select(hybrid, n)
         short_l = short.tolist() if short is not None else None
         long_l = long.tolist() if long is not None else None
         hybrid_l = hybrid.tolist() if hybrid is not None else None
+        if hybrid_l is not None and not all(math.isfinite(v) for v in hybrid_l):
+            bad = [i for i, v in enumerate(hybrid_l) if not math.isfinite(v)]
+            raise StreamT1Error(f"chunk {c}: candidates {bad} have non-finite latents or reward scores (NaN or "
+                                "infinity): the model's weights or inputs are corrupt, or the dtype overflows")
 
         # clean context pass for the survivors only, writing one fresh page each
         surv_parents = [parent_beams[i] for i in survivors]
@@ -281,8 +291,10 @@ class BeamSearch:
                 s_i = short_l[i] if short_l is not None else None
                 l_i = long_l[i] if long_l is not None else None
                 flag = self._route(parent, s_i, l_i)
-                node = ChunkNode(c, seeds[i], parent.node, x0[i], frames_u8[i], noise.initial[i], s_i, l_i,
-                                 hybrid_l[i] if hybrid_l is not None else None, flag)
+                # clones: a slice would keep the whole candidate batch alive for as long as the node lives
+                node = ChunkNode(c, seeds[i], parent.node, x0[i].clone(), frames_u8[i].clone(),
+                                 noise.initial[i].clone(), s_i, l_i, hybrid_l[i] if hybrid_l is not None else None,
+                                 flag)
                 pages = self.cache.fork(parent.pages)
                 history = parent.short_history + ([s_i] if s_i is not None else [])
                 new_beams.append((Beam(node, pages, history, l_i), int(write[slot])))
@@ -294,7 +306,7 @@ class BeamSearch:
                 self.cache.commit(beam.pages, page, beam.node.flag)
                 self.beams.append(beam)
             self.cache.flush(search.ema_alpha)
-            self._offload_frames()
+            self._offload_history()
 
         chunk_frames = self.latent_shape[1]
         record = ChunkRecord(
@@ -307,14 +319,30 @@ class BeamSearch:
         self.chunk_index += 1
         return record
 
-    def _offload_frames(self) -> None:
-        """Frames older than the long-term window are only needed for the output: keep them on the host, so
-        device memory stays flat however long the stream runs."""
+    def _offload_history(self) -> None:
+        """Keep on the device only what the next chunks read: the initial noise of each beam's last node
+        (children propagate their parent beam's last noise) and the frames and latents of the last
+        ``window_chunks`` chunks (the long-term reward's window); older frames and latents are only needed for
+        the output and move to the host, so device memory stays flat however long the stream runs."""
         keep = max(self.search.window_chunks, 1)
         for beam in self.beams:
-            for node in beam.node.lineage()[:-keep]:
-                if node.frames.device.type != "cpu":
+            node, depth = beam.node.parent, 1
+            while node is not None:  # back to the first node already offloaded by an earlier step
+                node.initial_noise = None
+                if depth >= keep:
+                    if node.offloaded:
+                        break
                     node.frames = node.frames.cpu()
+                    node.latents = None if node.emitted else node.latents.cpu()
+                    node.offloaded = True
+                node, depth = node.parent, depth + 1
+
+    def mark_emitted(self, node: ChunkNode) -> None:
+        """The caller has this final chunk: once out of the window its latents are not needed here (its frames
+        are, for the final pick over whole videos)."""
+        node.emitted = True
+        if node.offloaded:
+            node.latents = None
 
     # -- results ----------------------------------------------------------------------------------
     def final_chunks(self) -> list[ChunkNode]:

@@ -5,12 +5,23 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import require
+from ..validation import at_least, between, one_of, validate_fields
 from .noise import upstream_seed_collision
 
 STRATEGIES = ("none", "best_of_n", "stream_t1")
 SHORT_HISTORIES = ("lineage", "window")
 NOISE_MODES = ("official", "portable")
 REWARD_FRAMES = ("cold", "streamed")
+# Ranges checked by validate_fields on top of the annotated types; the thresholds only need to be finite.
+_RULES = {"beam_size": at_least(1), "top_k": at_least(1),
+          "num_candidates": at_least(1), "window_chunks": at_least(1), "noise_sigma": between(-1.0, 1.0),
+          "fusion_cap": between(0.0, 1.0), "ema_alpha": between(0.0, 1.0), "short_history": one_of(*SHORT_HISTORIES),
+          "noise_mode": one_of(*NOISE_MODES), "reward_frames": one_of(*REWARD_FRAMES)}
+
+_STREAM_T1_ONLY = ("beam_size", "top_k", "noise_sigma", "short_threshold", "long_threshold", "ema_alpha",
+                   "noise_propagation", "memory_sinking", "short_history")
+_REWARDED = ("num_candidates", "window_chunks", "fusion_cap", "reward_pruning", "reward_frames")
+_IGNORED = {"none": _STREAM_T1_ONLY + _REWARDED, "best_of_n": _STREAM_T1_ONLY, "stream_t1": ("num_candidates",)}
 
 
 @dataclass(frozen=True)
@@ -46,19 +57,8 @@ class SearchConfig:
     reward_frames: str = "cold"
 
     def __post_init__(self):
+        validate_fields(self, _RULES)
         require(self.strategy in STRATEGIES, f"unknown search strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        require(self.beam_size >= 1, "beam_size must be >= 1")
-        require(self.top_k >= 1, "top_k must be >= 1")
-        require(self.num_candidates >= 1, "num_candidates must be >= 1")
-        require(self.window_chunks >= 1, "window_chunks must be >= 1")
-        require(-1.0 <= self.noise_sigma <= 1.0, "noise_sigma must lie in [-1, 1]")
-        require(0.0 <= self.fusion_cap <= 1.0, "fusion_cap must lie in [0, 1]")
-        require(0.0 <= self.ema_alpha <= 1.0, "ema_alpha must lie in [0, 1]")
-        require(self.short_history in SHORT_HISTORIES,
-                f"unknown short_history {self.short_history!r}; choose one of {SHORT_HISTORIES}")
-        require(self.noise_mode in NOISE_MODES, f"unknown noise_mode {self.noise_mode!r}; choose one of {NOISE_MODES}")
-        require(self.reward_frames in REWARD_FRAMES,
-                f"unknown reward_frames {self.reward_frames!r}; choose one of {REWARD_FRAMES}")
         if self.noise_mode == "official":
             clash = upstream_seed_collision(self.children_per_beam, self.survivors, self.first_chunk_candidates)
             require(clash is None,
@@ -97,3 +97,13 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def ignored_options(self) -> tuple[str, ...]:
+        """Fields this strategy does not read (the run record leaves them out; the CLI warns if they are set)."""
+        return _IGNORED[self.strategy]
+
+    def used_dict(self) -> dict:
+        """The options this strategy actually uses, and the search's effective shape: what a run record shows."""
+        used = {k: v for k, v in self.to_dict().items() if k not in self.ignored_options}
+        return {**used, "candidates_per_chunk": self.first_chunk_candidates, "survivors": self.survivors}

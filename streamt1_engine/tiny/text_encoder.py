@@ -89,7 +89,7 @@ def save_tiny_text_encoder(encoder: TinyTextEncoder, path: str | os.PathLike) ->
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}, os.fspath(path),
-              metadata={"config": json.dumps(encoder.config())})
+              metadata={"config": json.dumps(encoder.config(), allow_nan=False)})
 
 
 def _register() -> None:

@@ -188,7 +188,7 @@ def save_model_dir(model: TinyModel, out: Path, training: dict) -> None:
     os.replace(out / "dit.safetensors.tmp", out / "dit.safetensors")
     save_tiny_text_encoder(model.text_encoder, out / "text_encoder.safetensors.tmp")
     os.replace(out / "text_encoder.safetensors.tmp", out / "text_encoder.safetensors")
-    (out / "streamt1.json.tmp").write_text(json.dumps(engine_config(model, description, training), indent=2) + "\n")
+    (out / "streamt1.json.tmp").write_text(json.dumps(engine_config(model, description, training), indent=2, allow_nan=False) + "\n")
     os.replace(out / "streamt1.json.tmp", out / "streamt1.json")
 
 

@@ -278,6 +278,7 @@ def test_bench_script_tiny_runs(tmp_path):
     import subprocess
     import sys
 
+    pytest.importorskip("triton", reason="bench_attention.py times the Triton kernel: needs the triton extra")
     script = pathlib.Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
     res = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "fp32", "--n", "1", "3",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
