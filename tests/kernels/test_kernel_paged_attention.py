@@ -10,8 +10,9 @@ from streamt1_engine.kernels.paged_attention import (BackendUnavailableError, pa
 GARBAGE = -1
 
 
-def make_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frames=2, frame_tokens=6,
-              lc=None, layers=2, seed=0, f_max=48, device=DEVICE):
+def make_rope_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frames=2, frame_tokens=6,
+                   lc=None, layers=2, seed=0, f_max=48, device=DEVICE):
+    """Inputs of the previous (pre-RoPE pool) kernel: pools, tables and the RoPE tables that rotate pages."""
     gen = torch.Generator().manual_seed(seed)
     t = chunk_frames * frame_tokens
     lc = lq if lc is None else lc
@@ -33,6 +34,11 @@ def make_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frame
     layer = layers - 1
     return (q, k_chunk, v_chunk, k_pool[layer], v_pool[layer], page_table, num_pages, page_frame_pos,
             fc, fs, sc, ss, frame_tokens)
+
+
+def make_case(n, lq, d, dtype, tables, counts, **kw):
+    """Inputs of the post-RoPE kernel: q, chunk K/V, one layer's pools, page table, page counts."""
+    return make_rope_case(n, lq, d, dtype, tables, counts, **kw)[:7]
 
 
 # (N, Lq, D, page tables, num_pages); rows may be longer than num_pages (partially filled tables).
