@@ -27,7 +27,6 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 from streamt1_engine.model import wan  # noqa: E402
-from streamt1_engine.model.rope import rope_part_dims  # noqa: E402
 from streamt1_engine.model.wan import ChunkAttention, KVPool  # noqa: E402
 from streamt1_engine.sampler import ChunkNoise, context_pass, denoise_chunk  # noqa: E402
 from streamt1_engine.search.beam_search import BeamSearch, to_float, to_uint8  # noqa: E402
@@ -37,39 +36,28 @@ REFERENCE_BACKEND = "reference"
 
 
 # -- the reference attention: clone the cache, rotate every cached key in float64, then attend -------------
-def _inv_freq(part_dim: int, theta: float, device) -> torch.Tensor:
-    steps = torch.arange(0, part_dim, 2, dtype=torch.float64, device=device)[: part_dim // 2]
-    return 1.0 / (theta ** (steps / part_dim))
-
-
-def rotate_keys_float64(keys: torch.Tensor, first_frames: torch.Tensor, frame_tokens: int, grid_w: int,
-                        theta: float) -> torch.Tensor:
-    """keys [P, T, H, D] pre-RoPE (half layout) of pages starting at latent frames ``first_frames`` [P]:
-    angles and rotation computed from scratch in float64, as the reference does on every call."""
-    pages, tokens, _, d = keys.shape
-    t_dim, h_dim, w_dim = rope_part_dims(d)
-    t = torch.arange(tokens, device=keys.device)
-    frame = (first_frames.long()[:, None] + t // frame_tokens).double()  # [P, T]
-    spatial = t % frame_tokens
-    hh, ww = (spatial // grid_w).double(), (spatial % grid_w).double()
-    angles = torch.cat([frame[..., None] * _inv_freq(t_dim, theta, keys.device),
-                        (hh[:, None] * _inv_freq(h_dim, theta, keys.device)).expand(pages, -1, -1),
-                        (ww[:, None] * _inv_freq(w_dim, theta, keys.device)).expand(pages, -1, -1)], dim=-1)
+def rotate_keys_float64(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """keys [P, T, H, D] (half layout) rotated by ``angles`` [P, T, D/2] in float64, as the reference rotates
+    its cached keys from scratch on every call."""
+    d = keys.shape[-1]
     cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
     k = keys.double()
     lo, hi = k[..., : d // 2], k[..., d // 2:]
     return torch.cat([lo * cos - hi * sin, lo * sin + hi * cos], dim=-1)
 
 
-def make_reference_attention(grid_w: int, theta: float):
-    def reference_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, page_frame_pos, frame_cos,
-                            frame_sin, spatial_cos, spatial_sin, frame_tokens, scale=None):
+def make_reference_attention():
+    """The reference's attention cost on our post-RoPE pool: the reference keeps keys pre-RoPE and rotates
+    every cached key in float64 on every call; our pool holds them rotated, so the baseline does the same
+    float64 rotation work by the remaining angle, zero (an identity), which keeps the cost and the result."""
+    def reference_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale=None, **_):
         outs = []
         for i in range(q.shape[0]):
             count = int(num_pages[i])  # a host read per call, as the reference does
             pages = page_table[i, :count].long()
             k_cache, v_cache = k_pool[pages].clone(), v_pool[pages].clone()  # the per-call cache clone
-            k_rot = rotate_keys_float64(k_cache, page_frame_pos[pages], frame_tokens, grid_w, theta)
+            angles = torch.zeros(*k_cache.shape[:2], k_cache.shape[-1] // 2, dtype=torch.float64, device=q.device)
+            k_rot = rotate_keys_float64(k_cache, angles)
             h, d = q.shape[2:]
             keys = torch.cat([k_rot.reshape(-1, h, d).to(q.dtype), k_chunk[i].to(q.dtype)])
             values = torch.cat([v_cache.reshape(-1, h, d).to(q.dtype), v_chunk[i].to(q.dtype)])
@@ -82,10 +70,10 @@ def make_reference_attention(grid_w: int, theta: float):
 
 
 @contextmanager
-def reference_attention_backend(grid_w: int, theta: float):
+def reference_attention_backend():
     """Route ``backend="reference"`` calls of the model's attention to ``reference_attention``."""
     original = wan.paged_attention
-    reference = make_reference_attention(grid_w, theta)
+    reference = make_reference_attention()
 
     def dispatch(*args, backend="torch", **kwargs):
         if backend == REFERENCE_BACKEND:
@@ -120,7 +108,7 @@ class ReferenceDenoiser:
             pos = torch.cat([pos, attn.frame_start[i:i + 1].to(pos.dtype)])
         device = pool.k.device
         table = torch.arange(count, dtype=torch.int32, device=device)[None]
-        private = ChunkAttention(KVPool(k, v, pos), table, torch.tensor([count], dtype=torch.int32, device=device),
+        private = ChunkAttention(KVPool(k, v, pos, pool.frame_cos, pool.frame_sin), table, torch.tensor([count], dtype=torch.int32, device=device),
                                  attn.frame_start[i:i + 1],
                                  torch.tensor([count], device=device) if write else None, backend=REFERENCE_BACKEND)
         return private, count
@@ -180,9 +168,8 @@ def run_reference(engine, prompt: str, num_chunks: int, seed: int, search):
                          PagedKVCache.pages_needed(stream, search.survivors, search.first_chunk_candidates),
                          engine.device, engine.dtype, "torch")
     short, long = default_short_reward(), default_long_reward()
-    grid_w = stream.latent_width // engine.config.model.patch_size[2]
     latent_shape = (engine.config.model.in_channels, stream.chunk_frames, stream.latent_height, stream.latent_width)
-    with reference_attention_backend(grid_w, engine.config.model.rope_theta), torch.inference_mode():
+    with reference_attention_backend(), torch.inference_mode():
         runner = ReferenceBeamSearch(
             model=engine.model, vae=engine.vae, cache=cache, text=text, prompt=prompt, search=search,
             schedule=engine.schedule, num_chunks=num_chunks, seed=seed, latent_shape=latent_shape,
