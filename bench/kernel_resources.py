@@ -247,8 +247,9 @@ def sink_merge_launches(dtype, configs=None, layers=30, pool_pages=40, tokens=46
     from streamt1_engine.kernels.sink_merge import fused
 
     pools = [_meta(layers, pool_pages, tokens, heads, head_dim, dtype=dtype) for _ in range(2)]
+    tables = [_meta(4096, head_dim // 2, dtype=torch.float32) for _ in range(2)]
     args, kwargs = record_launch(fused, "_sink_merge_kernel", lambda: fused.sink_merge_triton_(
-        *pools, _meta(pool_pages, dtype=torch.int32), _meta(4, 4, dtype=torch.int32), 0.9))
+        *pools, _meta(pool_pages, dtype=torch.int32), _meta(4, 5, dtype=torch.int32), 0.9, *tables))
     yield _plain_launch("sink_merge", fused._sink_merge_kernel, args, kwargs)
 
 
