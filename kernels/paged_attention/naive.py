@@ -7,6 +7,17 @@ Pages hold keys already rotated at their own positions (RoPE is applied once, wh
 a page; a memory-sink merge rotates the evicted keys onto the sink's positions before blending), so
 attention is plain attention over the gathered pages. Queries arrive rotated.
 
+Why this equals the reference. Stream-T1's reference keeps pre-RoPE keys in its cache and rotates them at
+attention time, every call: the EMA sink at frames 0.., each appended sink page at its own start frame,
+the window at its global frames; LongLive's causal model caches keys after RoPE. A page's positions never
+change once it is written, so rotating once when writing and rotating on every read give the same keys.
+The one rewrite of a page, the EMA merge, is done by the reference on pre-RoPE keys and the blend is then
+rotated at the sink's positions; here the evicted keys are rotated by the frame offset (sink frame -
+evicted frame) and blended with the sink's rotated keys. Both agree because the rotation is linear,
+R_s (a k_s + (1 - a) k_e) = a R_s k_s + (1 - a) R_(s-e) R_e k_e, and the spatial parts of R are the same for
+both pages. Only rounding differs (the reference rotates in float64 and casts to the model dtype; here the
+rotation is float32, once, before the key is stored in the pool's dtype).
+
 ``max_pages`` (a host int, the longest table row) lets a caller that knows the page counts attend only the
 slots that can be valid; without it the full table width is read and invalid slots are masked, which
 needs no host synchronisation (CUDA-graph capture).
