@@ -308,6 +308,16 @@ def test_gpu_small_against_naive_bf16():
     assert_close(paged_attention_triton(*args), paged_attention_naive(*args), torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_rope_kernel_small_against_its_naive_bf16():
+    from streamt1_engine.kernels.paged_attention.fused_rope import paged_attention_triton_rope
+
+    args = make_rope_case(3, 37, 128, torch.bfloat16, [[6, 7, 0, 1], [2, 7], [1, 3, 5]], [4, 2, 3], h=4,
+                          frame_tokens=24, chunk_frames=3)
+    assert_close(paged_attention_triton_rope(*args), paged_attention_rope_naive(*args), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", ["zero-pages", "wrapped-scrambled", "ragged-shared", "count-exceeds-width"])
 def test_triton_rope_matches_rope_naive(case, dtype):
