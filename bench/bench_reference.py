@@ -108,7 +108,8 @@ class ReferenceDenoiser:
             pos = torch.cat([pos, attn.frame_start[i:i + 1].to(pos.dtype)])
         device = pool.k.device
         table = torch.arange(count, dtype=torch.int32, device=device)[None]
-        private = ChunkAttention(KVPool(k, v, pos, pool.frame_cos, pool.frame_sin), table, torch.tensor([count], dtype=torch.int32, device=device),
+        private = ChunkAttention(KVPool(k, v, pos, pool.frame_cos, pool.frame_sin), table,
+                                 torch.tensor([count], dtype=torch.int32, device=device),
                                  attn.frame_start[i:i + 1],
                                  torch.tensor([count], device=device) if write else None, backend=REFERENCE_BACKEND)
         return private, count

@@ -331,8 +331,8 @@ def main(argv=None) -> int:
                                          backend="triton", argv=args.argv), __file__)
     env["device"] = f"no GPU: compiled ahead of time for sm_{args.arch}"
     columns = ["kernel", "config", "num_warps", "num_stages", "registers", "spill_bytes", "shared_kib",
-               "blocks_per_sm", "matrix_ops", "page_loop_instr", "chunk_loop_instr", "page_vs_chunk", "fits", "compile_s",
-               "error"]
+               "blocks_per_sm", "matrix_ops", "page_loop_instr", "chunk_loop_instr", "page_vs_chunk", "fits",
+               "compile_s", "error"]
     notes = [f"shared-memory limit per block on sm_{args.arch}: {SMEM_PER_BLOCK[args.arch] / 1024:.0f} KiB; "
              f"blocks_per_sm is the register/shared-memory bound (an estimate, not a measurement); "
              "matrix_ops is the tensor-core instruction in the PTX (wgmma: Hopper's asynchronous MMA).",

@@ -5,9 +5,9 @@ so the kernel is plain flash attention whose key tiles come from two sources: th
 candidate's table (outer loop over pages, inner loop over a page's key tiles, the partial last tile of a
 page peeled off so that full tiles need no mask) and the candidate's own chunk. No RoPE tables, no integer
 division in the loops. Tiles are addressed with plain pointers: triton 3.9 removed block pointers, and host
-TMA descriptors would need rank-4 boxes for the [P, T, H, D] pool (heads interleaved per token). ``num_pages`` is read inside the kernel so
-the launch needs no host synchronisation and can be captured in a CUDA graph (run it once per shape before
-capturing, so that autotuning happens outside the graph).
+TMA descriptors would need rank-4 boxes for the [P, T, H, D] pool (heads interleaved per token).
+``num_pages`` is read inside the kernel so the launch needs no host synchronisation and can be captured in
+a CUDA graph (run it once per shape before capturing, so that autotuning happens outside the graph).
 """
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def test_sass_loop_counter_on_a_listing():
         /*0080*/ BRA `(.L_x_3);
 """
     loops = sass_loops(listing)
-    assert [(x["start"], x["instructions"], x["mma"]) for x in loops] == [(2, 3, 1), (6, 2, 0)]  # the outer loop and the self-branch are not counted
+    # the outer loop and the self-branch are not counted
+    assert [(x["start"], x["instructions"], x["mma"]) for x in loops] == [(2, 3, 1), (6, 2, 0)]
 
 
 def test_bad_config_is_a_usage_error():
