@@ -67,7 +67,13 @@ def test_spilling_and_oversized_configs_are_reported():
 def test_sass_loop_counter_on_a_listing():
     """The loop finder takes innermost backward branches only and counts label-to-branch inclusive."""
     sys.path.insert(0, str(SCRIPT.parent))
-    from kernel_resources import sass_loops
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        from kernel_resources import sass_loops  # its import drops TRITON_INTERPRET (it compiles real kernels)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        if interpret is not None:  # kernels imported later in this process must still run interpreted
+            os.environ["TRITON_INTERPRET"] = interpret
 
     listing = """
         /*0000*/ MOV R1, c[0x0][0x28] ;
