@@ -1,6 +1,12 @@
 #!/usr/bin/env python
 """Time the fused paged-attention kernel against gather + stock attention kernels, in one run.
 
+Backends: ``triton`` (the engine's kernel over the post-RoPE pool), ``triton_rope`` (the previous kernel,
+which reads pre-RoPE keys and rotates them in its page loop; the same cache rotated gives the same output),
+``sdpa`` (gather + torch SDPA, torch's choice of kernel), ``sdpa_flash`` / ``sdpa_cudnn`` (the same with
+SDPA's flash or cuDNN kernel forced; CUDA only), ``sdpa_attn_only`` (SDPA on keys already gathered),
+``flash_attn`` and ``xformers`` (gather + those packages, when installed).
+
 Default shapes are Wan2.1-1.3B's self-attention during streaming generation: a 3-frame chunk of
 30x52 latent tokens per frame (Lq = 4680), 12 heads of 128, and a KV cache of a 15-frame sink plus a
 9-frame window (8 pages of one chunk each) plus the chunk's own keys. Candidates share the sink pages and
@@ -21,7 +27,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-KERNELS = ("triton", "sdpa", "sdpa_attn_only", "flash_attn", "xformers")
+KERNELS = ("triton", "triton_rope", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_attn_only", "flash_attn", "xformers")
 
 
 def parse_args(argv=None):
@@ -51,7 +57,11 @@ def parse_args(argv=None):
 
 
 def build_inputs(args, n, device, dtype):
-    """Pool of shared sink pages + per-candidate window pages, each candidate's table in cache order."""
+    """Pool of shared sink pages + per-candidate window pages, each candidate's table in cache order.
+
+    Returns the post-RoPE inputs (what the engine's backends read) and the pre-RoPE inputs of the previous
+    kernel: the same cache, its keys rotated at the pages' positions or not."""
+    from streamt1_engine.kernels.paged_attention.naive_rope import rotated_page_keys
     from streamt1_engine.model.rope import Rope3D
 
     gh, gw = args.grid
@@ -80,25 +90,63 @@ def build_inputs(args, n, device, dtype):
     lq = t
     q, kc, vc = rnd(n, lq, h, d), rnd(n, lq, h, d), rnd(n, lq, h, d)
     kv_len = pages * t + lq
-    inputs = (q, kc, vc, k_pool, v_pool, page_table, num_pages, page_frame_pos, rope.frame_cos, rope.frame_sin,
-              sc, ss, frame_tokens)
-    return inputs, lq, kv_len
+    rope_inputs = (q, kc, vc, k_pool, v_pool, page_table, num_pages, page_frame_pos, rope.frame_cos,
+                   rope.frame_sin, sc, ss, frame_tokens)
+    every_page = torch.arange(pool, device=device)[None]
+    k_rotated = rotated_page_keys(k_pool, every_page, page_frame_pos, rope.frame_cos, rope.frame_sin, sc, ss,
+                                  frame_tokens)[0].to(dtype)
+    inputs = (q, kc, vc, k_rotated, v_pool, page_table, num_pages)
+    return inputs, rope_inputs, lq, kv_len
 
 
-def make_backends(args, inputs):
+def _sdpa_forced(inputs, kernel: str):
+    """Gathered SDPA with one of torch's kernels forced (flash or cuDNN), or None where it cannot run."""
+    from streamt1_engine.kernels.paged_attention import gathered
+
+    if inputs[0].device.type != "cuda":
+        print(f"sdpa_{kernel}: needs CUDA: skipped", file=sys.stderr)
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}[kernel]
+    if backend is None:
+        print(f"sdpa_{kernel}: this torch has no such SDPA kernel: skipped", file=sys.stderr)
+        return None
+
+    def run():
+        with sdpa_kernel([backend]):
+            return gathered.paged_attention_sdpa(*inputs)
+
+    try:
+        run()
+    except RuntimeError as exc:
+        print(f"sdpa_{kernel}: not available here ({str(exc).splitlines()[0][:100]}): skipped", file=sys.stderr)
+        return None
+    return run
+
+
+def make_backends(args, inputs, rope_inputs):
     from streamt1_engine.kernels.paged_attention import gathered
     from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+    from streamt1_engine.kernels.paged_attention.fused_rope import paged_attention_triton_rope
 
     fns = {}
     for name in args.backends:
         if name == "triton":
             out = torch.empty_like(inputs[0])
             fns[name] = lambda out=out: paged_attention_triton(*inputs, out=out)
+        elif name == "triton_rope":
+            out = torch.empty_like(inputs[0])
+            fns[name] = lambda out=out: paged_attention_triton_rope(*rope_inputs, out=out)
         elif name == "sdpa":
             fns[name] = lambda: gathered.paged_attention_sdpa(*inputs)
+        elif name in ("sdpa_flash", "sdpa_cudnn"):
+            fn = _sdpa_forced(inputs, name.removeprefix("sdpa_"))
+            if fn is not None:
+                fns[name] = fn
         elif name == "sdpa_attn_only":
-            # Keys already contiguous and rotated: what SDPA costs without the gather.
-            keys, values, valid = gathered.gather_rotated_kv(*inputs)
+            # Keys already contiguous: what SDPA costs without the gather.
+            keys, values, valid = gathered.gather_kv(*inputs)
             scale = inputs[0].shape[-1] ** -0.5
             fns[name] = lambda k=keys, v=values, m=valid: gathered.attention_sdpa(inputs[0], k, v, m, scale, True)
         elif name == "flash_attn":
@@ -118,7 +166,6 @@ def make_backends(args, inputs):
     return fns
 
 
-
 def main(argv=None):
     args = parse_args(argv)
     common.interpret_triton_on_cpu(args)
@@ -128,8 +175,8 @@ def main(argv=None):
     peak = common.peak_tflops(args.device, dtype, args.peak_tflops)
     rows = []
     for n in args.n:
-        inputs, lq, kv_len = build_inputs(args, n, device, dtype)
-        fns = make_backends(args, inputs)
+        inputs, rope_inputs, lq, kv_len = build_inputs(args, n, device, dtype)
+        fns = make_backends(args, inputs, rope_inputs)
         reference = fns["sdpa"]() if "sdpa" in fns else None
         flops = attention_flops(n, lq, kv_len, args.heads, args.head_dim)
         timings = common.median_ms(fns, args)
@@ -140,7 +187,7 @@ def main(argv=None):
                 "x_vs_sdpa": timings["sdpa"] / ms if "sdpa" in timings else None,
                 "rel_err_vs_sdpa": common.relative_error(fns[name](), reference) if reference is not None else None,
             })
-        del inputs, fns, reference
+        del inputs, rope_inputs, fns, reference
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
     shapes = (f"H={args.heads}, D={args.head_dim}, {args.grid[0]}x{args.grid[1]} tokens per frame, "
@@ -149,8 +196,8 @@ def main(argv=None):
                  "share_of_peak: no peak known for this device/dtype (pass --peak-tflops)")
     common.emit_kernel_report(
         args, __file__, "bench_attention", "Paged attention kernel", rows, shapes, timed=" / ".join(args.backends),
-        ratio_note="x_vs_sdpa: gathered-SDPA time / this time (gather + rotation + SDPA is what the fused kernel "
-                   "replaces)", extra_notes=(peak_note,))
+        ratio_note="x_vs_sdpa: gathered-SDPA time / this time (gather + SDPA is what the fused kernel replaces; "
+                   "triton_rope is the previous kernel, which also rotates every cached key)", extra_notes=(peak_note,))
     return rows
 
 

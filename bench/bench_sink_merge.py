@@ -45,8 +45,13 @@ def build_inputs(args, num_ops):
     frame_pos = torch.arange(pages, dtype=torch.int32, device=args.device) * 3
     # op i blends evicted page 2 + i into the sink: the first op copies sink page 0 to page 1 + ..., the
     # rest blend in place into that copy (copy-on-write target, then chained merges).
-    ops = [(EMA, 2 + i, 0 if i == 0 else 1, 1) for i in range(num_ops)]
-    return k_pool, v_pool, frame_pos, torch.tensor(ops, dtype=torch.int32, device=args.device)
+    # Column 4: sink frame - evicted frame (the keys' rotation onto the sink's frames).
+    ops = [(EMA, 2 + i, 0 if i == 0 else 1, 1, -3 * (2 + i)) for i in range(num_ops)]
+    from streamt1_engine.model.rope import Rope3D
+
+    rope = Rope3D(args.head_dim, max_frames=4096, device=args.device)
+    return (k_pool, v_pool, frame_pos, torch.tensor(ops, dtype=torch.int32, device=args.device), rope.frame_cos,
+            rope.frame_sin)
 
 
 def main(argv=None):
@@ -67,7 +72,7 @@ def main(argv=None):
             def run(state=state, backend=backend):
                 # Same pages every call: the merge is idempotent on data it does not overwrite (the sink
                 # copy in page 1 is rewritten from page 0 first), so repeated calls time the same work.
-                sink_merge_(*state[:3], state[3], args.alpha, backend=backend)
+                sink_merge_(*state[:3], state[3], args.alpha, *state[4:], backend=backend)
             run()
             results[backend] = state
             fns[backend] = run

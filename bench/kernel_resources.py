@@ -124,7 +124,54 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-def compile_config(fn, args, kwargs, meta: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+def _nvdisasm() -> Path:
+    return _cuobjdump().with_name("nvdisasm")
+
+
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Innermost loops of a SASS listing, in program order: one per backward branch whose body holds no
+    other loop. ``instructions``: the body's length (label to branch, inclusive), i.e. what one iteration
+    issues per thread; ``mma``: tensor-core instructions in it (HGMMA on Hopper, HMMA before)."""
+    instructions, labels, branches = [], {}, []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instr = _SASS_INSTR.search(line)
+        if instr:
+            target = _SASS_BRANCH.search(instr.group(1))
+            if target:
+                branches.append((len(instructions), target.group(1)))
+            instructions.append(instr.group(1))
+    spans = [(labels[t], i) for i, t in branches if t in labels and labels[t] < i]
+    inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [{"start": a, "instructions": b - a + 1,
+             "mma": sum(1 for ins in instructions[a:b + 1] if re.search(r"\bH[G]?MMA\b", ins))}
+            for a, b in sorted(inner)]
+
+
+def key_tile_instructions(cubin: bytes) -> dict:
+    """Instructions per key tile of the page loop (the first innermost loop with matmuls) and of the own-chunk
+    loop (the last one), from the cubin's SASS, and their ratio."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    loops = [loop for loop in sass_loops(sass) if loop["mma"] > 0]
+    if len(loops) < 2:
+        raise RuntimeError(f"expected a page loop and an own-chunk loop with matmuls, found {len(loops)}")
+    page, chunk = loops[0]["instructions"], loops[-1]["instructions"]
+    return {"page_loop_instr": page, "chunk_loop_instr": chunk, "page_vs_chunk": round(page / chunk, 3)}
+
+
+def compile_config(fn, args, kwargs, meta: dict, num_warps: int, num_stages: int, arch: int,
+                   count_loops: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -143,8 +190,11 @@ def compile_config(fn, args, kwargs, meta: dict, num_warps: int, num_stages: int
     blocks_per_sm = min(REGISTERS_PER_SM // regs_per_block, WARPS_PER_SM[arch] // num_warps, BLOCKS_PER_SM[arch],
                         SMEM_PER_SM[arch] // (shared + 1024))
     fits = spill == 0 and shared <= SMEM_PER_BLOCK[arch] and blocks_per_sm >= 1
-    return {"registers": usage["reg"], "spill_bytes": spill, "shared_kib": round(shared / 1024, 1),
-            "blocks_per_sm": blocks_per_sm, "matrix_ops": matrix, "fits": fits, "compile_s": round(seconds, 2)}
+    row = {"registers": usage["reg"], "spill_bytes": spill, "shared_kib": round(shared / 1024, 1),
+           "blocks_per_sm": blocks_per_sm, "matrix_ops": matrix, "fits": fits, "compile_s": round(seconds, 2)}
+    if count_loops:
+        row.update(key_tile_instructions(kernel.asm["cubin"]))
+    return row
 
 
 # -- the launches, at Wan2.1-1.3B shapes -------------------------------------------------------------------
@@ -153,8 +203,27 @@ def _meta(*shape, dtype):
 
 
 def paged_attention_launches(dtype, configs=None, n=4, pages=8, layers=30, pool_pages=40, frame_tokens=1560, heads=12,
-                             head_dim=128, max_frames=4096):
+                             head_dim=128):
+    """The engine's kernel over the post-RoPE pool."""
     from streamt1_engine.kernels.paged_attention import fused
+
+    lq = 3 * frame_tokens
+    k_pool = _meta(layers, pool_pages, lq, heads, head_dim, dtype=dtype)[layers - 1]
+    v_pool = _meta(layers, pool_pages, lq, heads, head_dim, dtype=dtype)[layers - 1]
+    call_args = (_meta(n, lq, heads, head_dim, dtype=dtype), _meta(n, lq, heads, head_dim, dtype=dtype),
+                 _meta(n, lq, heads, head_dim, dtype=dtype), k_pool, v_pool,
+                 _meta(n, pages, dtype=torch.int32), _meta(n, dtype=torch.int32))
+    args, kwargs = record_launch(fused, "_paged_attn_fwd_tuned", lambda: fused.paged_attention_triton(*call_args))
+    for config in configs or fused.AUTOTUNE_CONFIGS:
+        label = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+        yield ("paged_attention", label, fused._paged_attn_fwd, args, kwargs, dict(config.kwargs),
+               config.num_warps, config.num_stages)
+
+
+def paged_attention_rope_launches(dtype, configs=None, n=4, pages=8, layers=30, pool_pages=40, frame_tokens=1560,
+                                  heads=12, head_dim=128, max_frames=4096):
+    """The previous kernel (pre-RoPE pool, keys rotated in the page loop), kept for the A/B."""
+    from streamt1_engine.kernels.paged_attention import fused_rope
 
     lq = 3 * frame_tokens
     k_pool = _meta(layers, pool_pages, lq, heads, head_dim, dtype=dtype)[layers - 1]
@@ -166,10 +235,11 @@ def paged_attention_launches(dtype, configs=None, n=4, pages=8, layers=30, pool_
                  _meta(pool_pages, dtype=torch.int32), _meta(max_frames, half, dtype=torch.float32),
                  _meta(max_frames, half, dtype=torch.float32), _meta(frame_tokens, half, dtype=torch.float32),
                  _meta(frame_tokens, half, dtype=torch.float32), frame_tokens)
-    args, kwargs = record_launch(fused, "_paged_attn_fwd_tuned", lambda: fused.paged_attention_triton(*call_args))
-    for config in configs or fused.AUTOTUNE_CONFIGS:
+    args, kwargs = record_launch(fused_rope, "_paged_attn_rope_fwd_tuned",
+                                 lambda: fused_rope.paged_attention_triton_rope(*call_args))
+    for config in configs or fused_rope.AUTOTUNE_CONFIGS:
         label = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
-        yield ("paged_attention", label, fused._paged_attn_fwd, args, kwargs, dict(config.kwargs),
+        yield ("paged_attention_rope", label, fused_rope._paged_attn_rope_fwd, args, kwargs, dict(config.kwargs),
                config.num_warps, config.num_stages)
 
 
@@ -177,8 +247,9 @@ def sink_merge_launches(dtype, configs=None, layers=30, pool_pages=40, tokens=46
     from streamt1_engine.kernels.sink_merge import fused
 
     pools = [_meta(layers, pool_pages, tokens, heads, head_dim, dtype=dtype) for _ in range(2)]
+    tables = [_meta(4096, head_dim // 2, dtype=torch.float32) for _ in range(2)]
     args, kwargs = record_launch(fused, "_sink_merge_kernel", lambda: fused.sink_merge_triton_(
-        *pools, _meta(pool_pages, dtype=torch.int32), _meta(4, 4, dtype=torch.int32), 0.9))
+        *pools, _meta(pool_pages, dtype=torch.int32), _meta(4, 5, dtype=torch.int32), 0.9, *tables))
     yield _plain_launch("sink_merge", fused._sink_merge_kernel, args, kwargs)
 
 
@@ -212,8 +283,10 @@ def parse_config(text: str):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-KERNELS = {"paged_attention": paged_attention_launches, "sink_merge": sink_merge_launches,
-           "qk_norm_rope": qk_norm_rope_launches}
+KERNELS = {"paged_attention": paged_attention_launches, "paged_attention_rope": paged_attention_rope_launches,
+           "sink_merge": sink_merge_launches, "qk_norm_rope": qk_norm_rope_launches}
+# Kernels with a page loop and an own-chunk loop, whose per-key-tile instruction counts are compared.
+ATTENTION_KERNELS = ("paged_attention", "paged_attention_rope")
 
 
 def parse_args(argv=None):
@@ -245,21 +318,27 @@ def main(argv=None) -> int:
         for kernel, label, fn, launch_args, kwargs, meta, warps, stages in KERNELS[name](dtype, args.configs):
             row = {"kernel": kernel, "config": label, "num_warps": warps, "num_stages": stages}
             try:
-                row.update(compile_config(fn, launch_args, kwargs, meta, warps, stages, args.arch))
+                row.update(compile_config(fn, launch_args, kwargs, meta, warps, stages, args.arch,
+                                          count_loops=kernel in ATTENTION_KERNELS))
             except Exception as exc:  # a config that does not compile is a result, not a crash
                 row.update(fits=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             rows.append(row)
             print(f"{kernel:16s} {label:28s} w{warps} s{stages}: " +
                   ", ".join(f"{k}={row[k]}" for k in ("registers", "spill_bytes", "shared_kib", "blocks_per_sm",
-                                                       "matrix_ops", "fits", "error") if k in row), flush=True)
+                                                       "matrix_ops", "page_loop_instr", "chunk_loop_instr",
+                                                       "page_vs_chunk", "fits", "error") if k in row), flush=True)
     env = environment(argparse.Namespace(device=torch.device("cpu"), tiny=False, dtype=args.dtype,
                                          backend="triton", argv=args.argv), __file__)
     env["device"] = f"no GPU: compiled ahead of time for sm_{args.arch}"
     columns = ["kernel", "config", "num_warps", "num_stages", "registers", "spill_bytes", "shared_kib",
-               "blocks_per_sm", "matrix_ops", "fits", "compile_s", "error"]
+               "blocks_per_sm", "matrix_ops", "page_loop_instr", "chunk_loop_instr", "page_vs_chunk", "fits",
+               "compile_s", "error"]
     notes = [f"shared-memory limit per block on sm_{args.arch}: {SMEM_PER_BLOCK[args.arch] / 1024:.0f} KiB; "
              f"blocks_per_sm is the register/shared-memory bound (an estimate, not a measurement); "
              "matrix_ops is the tensor-core instruction in the PTX (wgmma: Hopper's asynchronous MMA).",
+             "page_loop_instr / chunk_loop_instr: SASS instructions per thread in one iteration (one key tile) of "
+             "the innermost page loop and of the own-chunk loop (nvdisasm of the cubin); page_vs_chunk is their "
+             "ratio (1.0: a cached key costs what one of the chunk's own keys costs).",
              "Compiler output only: which configs can run, not which is fastest."]
     Report("kernel_resources", "Kernel resources (ahead-of-time compile)", env, rows, columns, notes).emit(args.out)
     bad = [r for r in rows if not r["fits"]]

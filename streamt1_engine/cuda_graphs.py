@@ -19,6 +19,7 @@ What capture relies on (checked in the model and kernels):
 """
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -66,10 +67,15 @@ class _CapturedWork:
 
 
 class GraphedDenoiser:
-    """Same interface as ``EagerDenoiser``; one graph per (kind, N, latent shape, table width, backend).
+    """Same interface as ``EagerDenoiser``; one graph per (kind, N, latent shape, table width, backend, pages
+    read: ``ChunkAttention.max_pages``, which grows over the first chunks of a stream, then stays).
 
     Graphs stay valid across chunks and prompts: ``set_text`` copies a new prompt's cross-attention K/V
-    into the static copy every graph reads. ``captures`` and ``replays`` count what happened.
+    into the static copy every graph reads. ``captures`` and ``replays`` count what happened;
+    ``capture_seconds`` records, per captured (or failed) shape, the seconds of its one-time warm-up and
+    capture (Triton compilation and autotuning happen in that warm-up), to be reported apart from the
+    steady-state replays. Any capture failure (a CUDA error, Triton's OutOfResources or PTXASError, an
+    autotuner error) makes that shape run eagerly; the first failure warns once.
     """
 
     def __init__(self, model, schedule: Schedule, text: TextContext, pool: KVPool, context_timestep: float = 0.0,
@@ -86,6 +92,7 @@ class GraphedDenoiser:
         self._capturer = capture
         self.captures = 0
         self.replays = 0
+        self.capture_seconds: dict[str, float] = {}
         self._graphs: dict[tuple, _CapturedWork | None] = {}  # None: capture failed, run eagerly
         self._warned: set[str] = set()
         self._rope = None
@@ -123,13 +130,13 @@ class GraphedDenoiser:
             if not self._capturable(attn):
                 return denoise_chunk(self.model, self.schedule, noise, self._text, attn)
             key = ("denoise", noise.initial.shape[0], tuple(noise.initial.shape[1:]), attn.page_table.shape[1],
-                   attn.backend, noise.initial.dtype)
+                   attn.backend, noise.initial.dtype, attn.max_pages)
             sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn)}
-            backend = attn.backend  # the work must not hold ``attn`` (and with it the pool)
+            backend, max_pages = attn.backend, attn.max_pages  # the work must not hold ``attn`` (nor the pool)
 
             def work(buf):
                 return denoise_chunk(self.model, self.schedule, ChunkNoise(buf["initial"], buf["renoise"]),
-                                     self._text, self._static_attention(buf, backend))
+                                     self._text, self._static_attention(buf, backend, max_pages))
 
             return self._run(key, sources, work).clone()
 
@@ -139,12 +146,13 @@ class GraphedDenoiser:
             if not self._capturable(attn):
                 context_pass(self.model, x0, self._text, attn, self.context_timestep)
                 return
-            key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype)
+            key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype,
+                   attn.max_pages)
             sources = {"x0": x0, **_attention_inputs(attn)}
-            backend = attn.backend
+            backend, max_pages = attn.backend, attn.max_pages
 
             def work(buf):
-                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, backend),
+                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, backend, max_pages),
                              self.context_timestep)
 
             self._run(key, sources, work)
@@ -161,9 +169,10 @@ class GraphedDenoiser:
             return False
         return True
 
-    def _static_attention(self, buf: dict[str, torch.Tensor], backend: str) -> ChunkAttention:
+    def _static_attention(self, buf: dict[str, torch.Tensor], backend: str, max_pages: int | None) -> ChunkAttention:
+        # ``max_pages`` is part of the graph's key: a graph reads exactly the table columns it was captured with.
         return ChunkAttention(self.pool, buf["page_table"], buf["num_pages"], buf["frame_start"],
-                              buf.get("write_pages"), backend=backend)
+                              buf.get("write_pages"), backend=backend, max_pages=max_pages)
 
     def _run(self, key: tuple, sources: dict[str, torch.Tensor],
              work: Callable[[dict[str, torch.Tensor]], torch.Tensor | None]) -> torch.Tensor | None:
@@ -184,13 +193,18 @@ class GraphedDenoiser:
 
     def _capture(self, key, sources, work) -> _CapturedWork | None:
         inputs = {name: src.clone() for name, src in sources.items()}  # allocated outside the graph pool
+        started = time.perf_counter()
         try:
             replay, output = self._capturer.capture(lambda: work(inputs), self.warmup_iters)
-        except RuntimeError as exc:  # an op that cannot be captured: keep the results, lose the speed-up
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the results, lose the speed-up
             self._graphs[key] = None
-            self._warn_once(f"capture{key}", f"CUDA graph capture of {key[0]} (N={key[1]}) failed "
-                                             f"({str(exc).splitlines()[0]}); running eagerly")
+            self.capture_seconds[_shape_name(key) + " (failed)"] = round(time.perf_counter() - started, 4)
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            self._warn_once("capture", f"CUDA graph capture of {key[0]} (N={key[1]}) failed "
+                                       f"({type(exc).__name__}: {first_line}); running eagerly (later capture "
+                                       f"failures of this denoiser are not reported again)")
             return None
+        self.capture_seconds[_shape_name(key)] = round(time.perf_counter() - started, 4)
         captured = _CapturedWork(replay, inputs, output)
         self._graphs[key] = captured
         self.captures += 1
@@ -207,6 +221,11 @@ class GraphedDenoiser:
         if tag not in self._warned:
             self._warned.add(tag)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _shape_name(key: tuple) -> str:
+    kind, n, latent, width, backend, _, pages = key
+    return f"{kind} N={n} latent={'x'.join(map(str, latent))} table={width} pages={pages} {backend}"
 
 
 def _attention_inputs(attn: ChunkAttention) -> dict[str, torch.Tensor]:

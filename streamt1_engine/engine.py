@@ -391,7 +391,8 @@ class StreamT1Engine:
                         device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                         attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
                         kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
-                        stages=timer.summary(), cuda_graphs=self.cuda_graphs)
+                        stages=timer.summary(), cuda_graphs=self.cuda_graphs,
+                        graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
             finally:
                 runner.release()
         finally:

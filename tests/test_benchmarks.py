@@ -11,9 +11,8 @@ pytest.importorskip("pytest_benchmark")
 from helpers import BeamPages, make_cache, text_context, tiny_model  # noqa: E402
 from streamt1_engine.cache import RouteFlag  # noqa: E402
 from streamt1_engine.config import SamplerConfig, StreamConfig  # noqa: E402
-from streamt1_engine.kernels.paged_attention import gather_rotated_kv, paged_attention  # noqa: E402
+from streamt1_engine.kernels.paged_attention import gather_kv, paged_attention  # noqa: E402
 from streamt1_engine.kernels.sink_merge import EMA, sink_merge_  # noqa: E402
-from streamt1_engine.model.rope import Rope3D  # noqa: E402
 from streamt1_engine.model.wan import ChunkAttention  # noqa: E402
 from streamt1_engine.sampler import denoise_chunk, make_schedule  # noqa: E402
 from streamt1_engine.search.noise import draw_chunk_noise  # noqa: E402
@@ -71,12 +70,9 @@ def test_bench_paged_attention_torch(benchmark):
     k_pool, v_pool = (torch.randn(pool_pages, tokens, h, d, generator=gen) for _ in range(2))
     table = torch.tensor([[0, 1, 2, 3], [0, 4, 5, -1], [0, 6, 7, 8], [0, 9, -1, -1]], dtype=torch.int32)
     counts = torch.tensor([4, 3, 4, 2], dtype=torch.int32)
-    frame_pos = torch.arange(pool_pages, dtype=torch.int32) * 3
-    rope = Rope3D(d, max_frames=64)
-    sc, ss = rope.spatial_tables(4, 4)
-    args = (q, kc, vc, k_pool, v_pool, table, counts, frame_pos, rope.frame_cos, rope.frame_sin, sc, ss, frame_tokens)
-    out = benchmark.pedantic(lambda: paged_attention(*args, backend="torch"), **ROUNDS)
-    keys, values, valid = gather_rotated_kv(*args)
+    args = (q, kc, vc, k_pool, v_pool, table, counts)
+    out = benchmark.pedantic(lambda: paged_attention(*args, backend="torch", max_pages=4), **ROUNDS)
+    keys, values, valid = gather_kv(*args)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=valid[:, None, None, :])
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
@@ -86,14 +82,17 @@ def test_bench_sink_merge_torch(benchmark):
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 12, 48, 4, 16, generator=gen) for _ in range(2))
     pos = torch.arange(12, dtype=torch.int32) * 3
-    ops = torch.tensor([[EMA, 5, 0, 0], [EMA, 6, 1, 7], [int(RouteFlag.APPEND), 8, 8, 8]], dtype=torch.int32)
+    # frame offsets: sink frame - evicted frame; zero-angle tables (no rotation) keep the expected blend simple
+    ops = torch.tensor([[EMA, 5, 0, 0, -15], [EMA, 6, 1, 7, -15], [int(RouteFlag.APPEND), 8, 8, 8, 0]],
+                       dtype=torch.int32)
+    fc, fs = torch.ones(64, 8), torch.zeros(64, 8)
     k0, v0 = k.clone(), v.clone()
 
     def setup():
-        return (k0.clone(), v0.clone(), pos.clone(), ops, 0.9), {}
+        return (k0.clone(), v0.clone(), pos.clone(), ops, 0.9, fc, fs), {}
 
     benchmark.pedantic(sink_merge_, setup=setup, rounds=5, warmup_rounds=1)
-    sink_merge_(k, v, pos, ops, 0.9)
+    sink_merge_(k, v, pos, ops, 0.9, fc, fs)
     torch.testing.assert_close(k[:, 0], 0.9 * k0[:, 0] + 0.1 * k0[:, 5])
     torch.testing.assert_close(v[:, 7], 0.9 * v0[:, 1] + 0.1 * v0[:, 6])
     assert torch.equal(k[:, 8], k0[:, 8]) and int(pos[7]) == 3

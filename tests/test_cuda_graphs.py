@@ -83,6 +83,16 @@ def assert_same_run(a, b):
 
 
 # -- CPU: the plumbing around the graphs ------------------------------------------------------------------
+def assert_graphs_per_pages_read(graphed, captures, *, denoise_n, context_n, chunks):
+    names = list(graphed.capture_seconds)
+    assert captures == len(names) == graphed.num_graphs
+    pages = {kind: {x.split("pages=")[1].split()[0] for x in names if x.startswith(kind)} for kind in
+             ("denoise", "context")}
+    assert pages["denoise"] == pages["context"] and 1 <= len(pages["denoise"]) <= chunks
+    assert all(f" N={denoise_n} " in x for x in names if x.startswith("denoise"))
+    assert all(f" N={context_n} " in x for x in names if x.startswith("context"))
+
+
 def test_static_buffers_follow_every_chunk_and_prompt():
     model = tiny_model(in_channels=12, out_channels=12)
     texts = [text_context(model, seed=1), text_context(model, seed=2)]
@@ -97,8 +107,11 @@ def test_static_buffers_follow_every_chunk_and_prompt():
         assert_same_run(eager, runs[-1])
         if i == 0:
             captures = graphed.captures
-            assert captures == 2  # one denoise graph (N=4) and one context graph (N=2), reused by every chunk
-    assert graphed.captures == captures, "a new prompt must reuse the graphs"
+            # one denoise graph (N=4) and one context graph (N=2) per number of pages read, reused by the
+            # chunks after the beams stop growing
+            assert_graphs_per_pages_read(graphed, captures, denoise_n=4, context_n=2, chunks=5)
+    # A new prompt reuses the graphs (its routing may add a graph for a page count not seen before).
+    assert graphed.captures == graphed.num_graphs == len(graphed.capture_seconds) < 2 * captures
     assert graphed.replays == 2 * 2 * 5
     assert not all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1])), "the prompt must matter"
 
@@ -110,9 +123,12 @@ def test_graph_cache_is_keyed_by_batch_size():
     cache = new_cache(model, STREAM_T1)
     graphed = GraphedDenoiser(model, SCHEDULE, text, cache.pool, capture=ReplayByRerun())
     assert_same_run(run_search(model, text, cache, none, 3), run_search(model, text, cache, none, 3, graphed))
-    assert graphed.captures == 2
+    first = graphed.captures
+    assert_graphs_per_pages_read(graphed, first, denoise_n=1, context_n=1, chunks=3)
     assert_same_run(run_search(model, text, cache, STREAM_T1, 3), run_search(model, text, cache, STREAM_T1, 3, graphed))
-    assert graphed.captures == 4 and graphed.num_graphs == 4
+    names = list(graphed.capture_seconds)[first:]
+    assert graphed.captures == graphed.num_graphs == first + len(names) > first
+    assert all(" N=4 " in x for x in names if x.startswith("denoise"))
 
 
 def test_text_of_another_shape_drops_the_graphs():
@@ -120,7 +136,7 @@ def test_text_of_another_shape_drops_the_graphs():
     cache = new_cache(model, STREAM_T1)
     graphed = GraphedDenoiser(model, SCHEDULE, text_context(model), cache.pool, capture=ReplayByRerun())
     run_search(model, text_context(model), cache, SearchConfig(strategy="none"), 2, graphed)
-    assert graphed.num_graphs == 2
+    assert graphed.num_graphs == 4  # denoise and context, reading 0 and then 1 page
     graphed.set_text(text_context(model, batch=2))
     assert graphed.num_graphs == 0
 
@@ -276,8 +292,9 @@ def test_gpu_graphed_engine_equals_eager_over_chunks_and_prompts(backend, dtype,
         assert got.info["cuda_graphs"] is True
         if captures is None:
             captures = graphed._graphed.captures
-            assert captures == 2  # one denoise and one context graph for this N
-        assert graphed._graphed.captures == captures, "the second prompt must reuse the graphs"
+            n = 1 if search.strategy == "none" else 4
+            assert_graphs_per_pages_read(graphed._graphed, captures, denoise_n=n, context_n=1, chunks=5)
+        assert graphed._graphed.captures == captures, "the second prompt must reuse the graphs"  # same routing
     assert graphed._graphed.replays == 2 * 2 * 5
 
 
@@ -290,7 +307,9 @@ def test_gpu_stream_t1_end_to_end_graphed_equals_eager(backend):
     want, got = eager.generate("a green triangle", **kwargs), graphed.generate("a green triangle", **kwargs)
     _assert_close_results(want, got, torch.float32)
     assert want.info["chosen_beam"] == got.info["chosen_beam"]
-    assert graphed._graphed.captures == 2  # N=4 denoise, N=2 context
+    names = list(graphed._graphed.capture_seconds)
+    assert graphed._graphed.captures == len(names) and len(names) < 2 * 6  # N=4 denoise, N=2 context per pages read
+    assert all((" N=4 " if x.startswith("denoise") else " N=2 ") in x for x in names)
 
 
 @cuda
@@ -313,3 +332,56 @@ def test_gpu_graphed_denoiser_bit_identical_to_eager_for_one_chunk():
         second = graphed.denoise(noise, attn)
     torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(first, second) and graphed.captures == 1 and graphed.replays == 2
+
+
+class FailingCapture:
+    """A capture that fails the way Triton does on first GPU contact (an ``Exception``, not a RuntimeError)."""
+
+    class OutOfResources(Exception):
+        pass
+
+    def __init__(self):
+        self.calls = 0
+
+    def capture(self, work, warmup_iters):
+        self.calls += 1
+        work()  # the warm-up ran (and would have compiled) before the capture failed
+        raise self.OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+
+def test_any_capture_failure_falls_back_to_eager_with_one_warning():
+    model = tiny_model(in_channels=12, out_channels=12)
+    text = text_context(model)
+    cache = new_cache(model, STREAM_T1)
+    failing = FailingCapture()
+    graphed = GraphedDenoiser(model, SCHEDULE, text, cache.pool, capture=failing)
+    eager = EagerDenoiser(model, SCHEDULE, text)
+    shape = (12, 3, STREAM.latent_height, STREAM.latent_width)
+    table, counts = cache.page_table([BeamPages(), BeamPages()])
+    attn = ChunkAttention(cache.pool, table, counts, torch.zeros(2, dtype=torch.long))
+    noise = draw_chunk_noise([1, 2], 0, shape, SCHEDULE.num_steps, "cpu")
+    with pytest.warns(RuntimeWarning, match="capture of denoise .*OutOfResources.*running eagerly"):
+        out = graphed.denoise(noise, attn)
+    table3, counts3 = cache.page_table([BeamPages()] * 3)
+    attn3 = ChunkAttention(cache.pool, table3, counts3, torch.zeros(3, dtype=torch.long))
+    noise3 = draw_chunk_noise([1, 2, 3], 0, shape, SCHEDULE.num_steps, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = graphed.denoise(noise, attn)  # the failed shape is not captured again
+        other = graphed.denoise(noise3, attn3)  # a second shape fails too: no second warning
+    with torch.inference_mode():
+        assert torch.equal(out, eager.denoise(noise, attn)) and torch.equal(out, again)
+        assert torch.equal(other, eager.denoise(noise3, attn3))
+    assert failing.calls == 2 and graphed.captures == 0 and graphed.num_graphs == 0
+    failed = [name for name in graphed.capture_seconds if name.endswith("(failed)")]
+    assert len(failed) == 2 and all(graphed.capture_seconds[name] > 0 for name in failed)
+
+
+def test_capture_time_is_recorded_once_per_shape():
+    model = tiny_model(in_channels=12, out_channels=12)
+    cache = new_cache(model, STREAM_T1)
+    graphed = GraphedDenoiser(model, SCHEDULE, text_context(model), cache.pool, capture=ReplayByRerun())
+    run_search(model, text_context(model), cache, SearchConfig(strategy="none"), 3, graphed)
+    assert graphed.captures == 6 and graphed.replays == 6  # chunk c reads c pages: each shape captured once
+    assert len(graphed.capture_seconds) == 6 and all(s > 0 for s in graphed.capture_seconds.values())
+    assert {name.split()[0] for name in graphed.capture_seconds} == {"denoise", "context"}

@@ -1,13 +1,15 @@
 """Candidate-batched attention over the shared paged KV cache; ``naive`` defines the semantics.
 
 ``paged_attention(..., backend=...)`` picks an implementation at call time so that triton, flash-attn and
-xformers stay optional: importing this package needs only torch.
+xformers stay optional: importing this package needs only torch. Every backend reads the same pool of keys
+rotated at their positions. ``naive_rope`` / ``fused_rope`` (the previous pre-RoPE layout) are kept one
+release for the kernel-level A/B in ``bench/bench_attention.py`` (backend ``triton_rope`` there).
 """
 from __future__ import annotations
 
 from .._backend import BackendUnavailableError, check_backend, require_module
-from .gathered import gather_rotated_kv, paged_attention_flash_attn, paged_attention_sdpa, paged_attention_xformers
-from .naive import paged_attention_naive, rotated_page_keys
+from .gathered import gather_kv, paged_attention_flash_attn, paged_attention_sdpa, paged_attention_xformers
+from .naive import paged_attention_naive, valid_page_slots
 
 BACKENDS = ("torch", "triton", "sdpa", "flash_attn", "xformers")
 
@@ -26,10 +28,12 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def paged_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, page_frame_pos, frame_cos,
-                    frame_sin, spatial_cos, spatial_sin, frame_tokens: int, scale: float | None = None, *,
-                    backend: str = "torch"):
-    """Dispatch to one backend; all share :func:`paged_attention_naive`'s signature and semantics."""
+def paged_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale: float | None = None, *,
+                    backend: str = "torch", max_pages: int | None = None):
+    """Dispatch to one backend; all share :func:`paged_attention_naive`'s signature and semantics.
+
+    ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), or None for the table width.
+    """
     check_backend(backend, BACKENDS, "paged_attention")
     impl = {
         "torch": paged_attention_naive,
@@ -39,12 +43,11 @@ def paged_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, 
     }.get(backend)
     if impl is None:
         impl = _triton_impl()
-    return impl(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, page_frame_pos, frame_cos,
-                frame_sin, spatial_cos, spatial_sin, frame_tokens, scale)
+    return impl(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale, max_pages=max_pages)
 
 
 # The fused names are served lazily by __getattr__ and left out of __all__ so that a star import
 # never needs triton.
 __all__ = ["BACKENDS", "BackendUnavailableError", "paged_attention", "paged_attention_naive",
-           "paged_attention_sdpa", "paged_attention_flash_attn",
-           "paged_attention_xformers", "gather_rotated_kv", "rotated_page_keys"]
+           "paged_attention_sdpa", "paged_attention_flash_attn", "paged_attention_xformers", "gather_kv",
+           "valid_page_slots"]

@@ -1,11 +1,26 @@
 """Reference semantics of candidate-batched attention over a shared paged KV cache.
 
 Every candidate n attends, with one softmax, to
-  1. the pages ``page_table[n, :num_pages[n]]`` of the shared pool (pre-RoPE keys, rotated here at the
-     page's frame positions), then
-  2. its own chunk's keys/values ``k_chunk[n], v_chunk[n]`` (already rotated).
-Queries arrive rotated. All q/k tensors use the engine's half-split RoPE layout (pair i = channels i and
-i + D/2). No host synchronisation: invalid page slots are masked, not sliced away.
+  1. the pages ``page_table[n, :num_pages[n]]`` of the shared pool, then
+  2. its own chunk's keys/values ``k_chunk[n], v_chunk[n]``.
+Pages hold keys already rotated at their own positions (RoPE is applied once, when the context pass writes
+a page; a memory-sink merge rotates the evicted keys onto the sink's positions before blending), so
+attention is plain attention over the gathered pages. Queries arrive rotated.
+
+Why this equals the reference. Stream-T1's reference keeps pre-RoPE keys in its cache and rotates them at
+attention time, every call: the EMA sink at frames 0.., each appended sink page at its own start frame,
+the window at its global frames; LongLive's causal model caches keys after RoPE. A page's positions never
+change once it is written, so rotating once when writing and rotating on every read give the same keys.
+The one rewrite of a page, the EMA merge, is done by the reference on pre-RoPE keys and the blend is then
+rotated at the sink's positions; here the evicted keys are rotated by the frame offset (sink frame -
+evicted frame) and blended with the sink's rotated keys. Both agree because the rotation is linear,
+R_s (a k_s + (1 - a) k_e) = a R_s k_s + (1 - a) R_(s-e) R_e k_e, and the spatial parts of R are the same for
+both pages. Only rounding differs (the reference rotates in float64 and casts to the model dtype; here the
+rotation is float32, once, before the key is stored in the pool's dtype).
+
+``max_pages`` (a host int, the longest table row) lets a caller that knows the page counts attend only the
+slots that can be valid; without it the full table width is read and invalid slots are masked, which
+needs no host synchronisation (CUDA-graph capture).
 """
 from __future__ import annotations
 
@@ -13,46 +28,33 @@ import torch
 import torch.nn.functional as F
 
 
-def rotated_page_keys(k_pool, page_ids, page_frame_pos, frame_cos, frame_sin, spatial_cos, spatial_sin,
-                      frame_tokens: int) -> torch.Tensor:
-    """Gather pages ``page_ids`` [N, M] from ``k_pool`` [P, T, H, D] and rotate them: float32 [N, M, T, H, D]."""
-    tokens_per_page = k_pool.shape[1]
-    keys = k_pool[page_ids].float()
-    t = torch.arange(tokens_per_page, device=k_pool.device)
-    frame_of_token = t // frame_tokens
-    spatial = t % frame_tokens
-    frames = (page_frame_pos[page_ids].long()[..., None] + frame_of_token).clamp(0, frame_cos.shape[0] - 1)
-    fc, fs = frame_cos[frames], frame_sin[frames]
-    sc, ss = spatial_cos[spatial], spatial_sin[spatial]
-    cos = (fc * sc - fs * ss)[..., None, :]
-    sin = (fs * sc + fc * ss)[..., None, :]
-    half = keys.shape[-1] // 2
-    lo, hi = keys[..., :half], keys[..., half:]
-    return torch.cat([lo * cos - hi * sin, lo * sin + hi * cos], dim=-1)
+def valid_page_slots(page_table, num_pages, max_pages: int | None = None):
+    """Slice the table to ``max_pages`` columns; returns (page ids with invalid slots as page 0, slot mask)."""
+    if max_pages is not None:
+        page_table = page_table[:, :max_pages]
+    width = page_table.shape[1]
+    valid = torch.arange(width, device=page_table.device)[None, :] < num_pages.to(page_table.device)[:, None]
+    page_ids = torch.where(valid, page_table.long(), torch.zeros_like(page_table, dtype=torch.long))
+    return page_ids, valid
 
 
-def paged_attention_naive(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, page_frame_pos,
-                          frame_cos, frame_sin, spatial_cos, spatial_sin, frame_tokens: int,
-                          scale: float | None = None) -> torch.Tensor:
-    """Shapes: q [N, Lq, H, D]; k_chunk, v_chunk [N, Lc, H, D]; k_pool, v_pool [P, T, H, D];
-    page_table [N, M] int; num_pages [N] int; page_frame_pos [P] int; frame_cos/sin [F_max, D/2];
-    spatial_cos/sin [frame_tokens, D/2]. Returns [N, Lq, H, D] in q's dtype; math in float32.
+def paged_attention_naive(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale: float | None = None,
+                          *, max_pages: int | None = None) -> torch.Tensor:
+    """Shapes: q [N, Lq, H, D]; k_chunk, v_chunk [N, Lc, H, D]; k_pool, v_pool [P, T, H, D] (keys rotated);
+    page_table [N, M] int; num_pages [N] int. Returns [N, Lq, H, D] in q's dtype; math in float32.
     """
     n, lq, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    max_pages = page_table.shape[1]
+    page_ids, valid = valid_page_slots(page_table, num_pages, max_pages)
+    width = page_ids.shape[1]
     keys = [k_chunk.float()]
     values = [v_chunk.float()]
     mask = [torch.ones(n, k_chunk.shape[1], dtype=torch.bool, device=q.device)]
-    if max_pages > 0:
-        valid = torch.arange(max_pages, device=q.device)[None, :] < num_pages.to(q.device)[:, None]
-        page_ids = torch.where(valid, page_table.long(), torch.zeros_like(page_table, dtype=torch.long))
+    if width > 0:
         tokens = k_pool.shape[1]
-        k_pages = rotated_page_keys(k_pool, page_ids, page_frame_pos, frame_cos, frame_sin, spatial_cos,
-                                    spatial_sin, frame_tokens)
-        keys.insert(0, k_pages.reshape(n, max_pages * tokens, h, d))
-        values.insert(0, v_pool[page_ids].float().reshape(n, max_pages * tokens, h, d))
-        mask.insert(0, valid.repeat_interleave(tokens, dim=1))
+        keys.insert(0, k_pool[page_ids].float().reshape(n, width * tokens, h, d))
+        values.insert(0, v_pool[page_ids].float().reshape(n, width * tokens, h, d))
+        mask.insert(0, valid.to(q.device).repeat_interleave(tokens, dim=1))
     k_all = torch.cat(keys, 1).transpose(1, 2)
     v_all = torch.cat(values, 1).transpose(1, 2)
     attn_mask = torch.cat(mask, 1)[:, None, None, :]

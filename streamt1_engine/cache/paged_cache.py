@@ -183,9 +183,11 @@ class PagedKVCache:
         ops = self._pending_ops
         merges = [op for op in ops if op[0] == RouteFlag.EMA]
         if merges:
-            op_tensor = torch.tensor(merges, dtype=torch.int32, device=self.pool.k.device)
-            sink_merge_(self.pool.k, self.pool.v, self.pool.page_frame_pos, op_tensor, alpha,
-                        backend=self.merge_backend)
+            # Column 4: the frame offset that moves the evicted (rotated) keys onto the sink's frames.
+            rows = [(*op, self.frame_pos[op[2]] - self.frame_pos[op[1]]) for op in merges]
+            op_tensor = torch.tensor(rows, dtype=torch.int32, device=self.pool.k.device)
+            sink_merge_(self.pool.k, self.pool.v, self.pool.page_frame_pos, op_tensor, alpha, self.pool.frame_cos,
+                        self.pool.frame_sin, backend=self.merge_backend)
         for p in self._pending_release:
             self.release(p)
         self._pending_ops, self._pending_release = [], []

@@ -24,17 +24,23 @@ from .rope import Rope3D
 
 @dataclass
 class KVPool:
-    """Preallocated K/V pages of every layer: [L, P, T, H, D]; keys pre-RoPE in half-split layout."""
+    """Preallocated K/V pages of every layer: [L, P, T, H, D]; keys rotated at their page's positions, in the
+    half-split layout. ``frame_cos``/``frame_sin`` (the RoPE frame tables) let a memory-sink merge move
+    evicted keys onto the sink page's frames."""
 
     k: torch.Tensor
     v: torch.Tensor
     page_frame_pos: torch.Tensor  # [P] int32, latent-frame index of each page's first frame
+    frame_cos: torch.Tensor | None = None  # [F, D/2] float32
+    frame_sin: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, cfg: WanConfig, num_pages: int, page_tokens: int, device, dtype) -> "KVPool":
+    def allocate(cls, cfg: WanConfig, num_pages: int, page_tokens: int, device, dtype,
+                 max_frames: int = 4096) -> "KVPool":
         shape = (cfg.num_layers, num_pages, page_tokens, cfg.num_heads, cfg.head_dim)
+        rope = Rope3D(cfg.head_dim, cfg.rope_theta, max_frames, device=device)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(num_pages, device=device, dtype=torch.int32))
+                   torch.zeros(num_pages, device=device, dtype=torch.int32), rope.frame_cos, rope.frame_sin)
 
     @property
     def num_pages(self) -> int:
@@ -50,7 +56,10 @@ class ChunkAttention:
 
     page_table [N, M] / num_pages [N]: cached pages each candidate attends to (sink first, then window);
     frame_start [N]: latent-frame index of the chunk; write_pages [N] or None: pages that receive the
-    chunk's pre-RoPE keys and values (the clean context pass).
+    chunk's keys (rotated at the chunk's positions, which become the page's) and values (the clean context
+    pass). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
+    only the slots that can be valid; None (e.g. inside a captured CUDA graph, where the counts change
+    between replays) reads the full table width.
     """
 
     pool: KVPool | None
@@ -61,6 +70,7 @@ class ChunkAttention:
     backend: str = "torch"
     dense_mask: torch.Tensor | None = None  # [L, L] bool, only without a pool (training / references)
     frame_positions: torch.Tensor | None = None  # [N, F] explicit RoPE frame positions (overrides frame_start)
+    max_pages: int | None = None
 
     @classmethod
     def dense(cls, batch: int, device, mask: torch.Tensor | None = None, frame_start: int = 0,
@@ -75,15 +85,10 @@ class ChunkAttention:
 
 @dataclass
 class ChunkRope:
-    """RoPE of the chunk's own tokens (cos/sin [N, L, D/2]) and the tables that rotate cached pages."""
+    """RoPE of the chunk's own tokens (cos/sin [N, L, D/2]); cached pages need none (stored rotated)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    frame_cos: torch.Tensor
-    frame_sin: torch.Tensor
-    spatial_cos: torch.Tensor
-    spatial_sin: torch.Tensor
-    frame_tokens: int
 
 
 @dataclass
@@ -174,13 +179,13 @@ class SelfAttention(AttentionProjections):
 
     def forward(self, x, rope: ChunkRope, attn: ChunkAttention, layer: int):
         backend = "triton" if attn.backend == "triton" else "torch"
-        q_rot, k_pre, k_rot = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.eps,
-                                           self.num_heads, rope.cos, rope.sin, backend=backend)
+        q_rot, _, k_rot = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, self.eps,
+                                       self.num_heads, rope.cos, rope.sin, backend=backend)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         pool = attn.pool
         if attn.write_pages is not None:
             require(pool is not None, "a KV pool is needed to write the context pass")
-            pool.k[layer].index_copy_(0, attn.write_pages, k_pre.to(pool.k.dtype))
+            pool.k[layer].index_copy_(0, attn.write_pages, k_rot.to(pool.k.dtype))
             pool.v[layer].index_copy_(0, attn.write_pages, v.to(pool.v.dtype))
         if pool is None:
             out = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2).to(q_rot.dtype),
@@ -188,8 +193,7 @@ class SelfAttention(AttentionProjections):
             out = out.transpose(1, 2)
         else:
             out = paged_attention(q_rot, k_rot, v, pool.k[layer], pool.v[layer], attn.page_table, attn.num_pages,
-                                  pool.page_frame_pos, rope.frame_cos, rope.frame_sin, rope.spatial_cos,
-                                  rope.spatial_sin, rope.frame_tokens, backend=attn.backend)
+                                  backend=attn.backend, max_pages=attn.max_pages)
         return self.o(out.flatten(2))
 
 
@@ -330,7 +334,6 @@ class CausalWanDiT(nn.Module):
         require(height % ph == 0 and width % pw == 0,
                 f"latent size {height}x{width} is not divisible by the patch size {ph}x{pw}")
         grid_h, grid_w = height // ph, width // pw
-        frame_tokens = grid_h * grid_w
         dtype = self.patch_embedding.weight.dtype
         glue = glue_backend(attn)
         if glue == "torch":
@@ -352,8 +355,7 @@ class CausalWanDiT(nn.Module):
             cos, sin = tables.token_tables(attn.frame_positions.to(x.device), grid_h, grid_w)
         else:
             cos, sin = tables.chunk_tables(attn.frame_start.to(x.device), frames, grid_h, grid_w)
-        scos, ssin = tables.spatial_tables(grid_h, grid_w)
-        rope = ChunkRope(cos, sin, tables.frame_cos, tables.frame_sin, scos, ssin, frame_tokens)
+        rope = ChunkRope(cos, sin)
         for layer, block in enumerate(self.blocks):
             x = block(x, e_blocks, text.kv[layer], rope, attn, layer)
         out = self.head(x, e, glue)

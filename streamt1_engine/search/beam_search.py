@@ -184,7 +184,9 @@ class BeamSearch:
         table, counts = self.cache.page_table([b.pages for b in parent_beams])
         start = torch.full((len(parent_beams),), self.chunk_index * self.latent_shape[1], dtype=torch.long,
                            device=self.device)
-        return ChunkAttention(self.cache.pool, table, counts, start, write_pages, backend=self.backend)
+        longest = max((len(b.pages.all_pages()) for b in parent_beams), default=0)
+        return ChunkAttention(self.cache.pool, table, counts, start, write_pages, backend=self.backend,
+                              max_pages=longest)
 
     def _range(self, name: str):
         return self.hooks.range(name) if self.hooks is not None else _nullcontext()

@@ -1,17 +1,24 @@
-"""Fused paged attention against the reference, over the table layouts the cache manager produces."""
+"""Fused paged attention against the reference, over the table layouts the cache manager produces.
+
+The engine's kernel (``fused``) reads a pool of keys rotated when written; the previous kernel
+(``fused_rope``, bench backend ``triton_rope``) reads pre-RoPE keys and rotates them, against its own
+reference ``naive_rope``.
+"""
 import pytest
 import torch
 
 from kernel_testutil import DEVICE, HAS_CUDA, assert_close, random_tables
 from streamt1_engine.kernels.paged_attention import (BackendUnavailableError, paged_attention,
                                                      paged_attention_naive)
+from streamt1_engine.kernels.paged_attention.naive_rope import paged_attention_rope_naive
 
 # Unused slots hold garbage that must never be dereferenced.
 GARBAGE = -1
 
 
-def make_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frames=2, frame_tokens=6,
-              lc=None, layers=2, seed=0, f_max=48, device=DEVICE):
+def make_rope_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frames=2, frame_tokens=6,
+                   lc=None, layers=2, seed=0, f_max=48, device=DEVICE):
+    """Inputs of the previous (pre-RoPE pool) kernel: pools, tables and the RoPE tables that rotate pages."""
     gen = torch.Generator().manual_seed(seed)
     t = chunk_frames * frame_tokens
     lc = lq if lc is None else lc
@@ -33,6 +40,11 @@ def make_case(n, lq, d, dtype, tables, counts, *, h=2, pool_pages=8, chunk_frame
     layer = layers - 1
     return (q, k_chunk, v_chunk, k_pool[layer], v_pool[layer], page_table, num_pages, page_frame_pos,
             fc, fs, sc, ss, frame_tokens)
+
+
+def make_case(n, lq, d, dtype, tables, counts, **kw):
+    """Inputs of the post-RoPE kernel: q, chunk K/V, one layer's pools, page table, page counts."""
+    return make_rope_case(n, lq, d, dtype, tables, counts, **kw)[:7]
 
 
 # (N, Lq, D, page tables, num_pages); rows may be longer than num_pages (partially filled tables).
@@ -88,21 +100,65 @@ def test_triton_grid(scenario, n, lq, d, dtype):
     assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
 
 
-@pytest.mark.parametrize("frame_tokens,chunk_frames,page_frame_tokens", [
-    (21, 2, 21),   # frames wider than a key tile: a full tile, then a 5-key tail, per frame
-    (32, 1, 32),   # frame = exactly two tiles
-    (6, 2, 5),     # 12-token pages read as frames of 5: the last frame of each page is a 2-token stub
+def _cache_tables(n, sinks, window, shared):
+    """Tables the cache manager builds: ``sinks`` sink pages (shared by all candidates or private), then a
+    window of ``window`` pages in ring order (oldest first, so ids wrap around), each candidate's own."""
+    rows, next_id = [], 0
+    common_sink = list(range(sinks))
+    next_id = sinks
+    for i in range(n):
+        sink = common_sink if shared else list(range(next_id, next_id + sinks))
+        next_id += 0 if shared else sinks
+        ring = list(range(next_id, next_id + 3))
+        next_id += 3
+        start = (i + 1) % 3  # where the ring's oldest page is: the window wraps around the ring
+        rows.append(sink + [ring[(start + j) % 3] for j in range(window)])
+    counts = [len(r) for r in rows]
+    counts[-1] -= 1 if n > 1 and counts[-1] > 0 else 0  # one beam a page shorter: a ragged table
+    return rows, counts, next_id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("window", [1, 3], ids=["partial-window", "full-wrapped"])
+@pytest.mark.parametrize("sinks", [0, 3, 5], ids=["sink0", "sink3", "sinkmax"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_triton_sink_window_grid(n, sinks, window, shared, dtype):
+    """Odd Lq and page counts, T = 21 tokens per page (one full 16-key tile and a 5-key tail)."""
+    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+
+    tables, counts, used = _cache_tables(n, sinks, window, shared)
+    args = make_case(n, 37, 16, dtype, tables, counts, pool_pages=used + 1, chunk_frames=3, frame_tokens=7,
+                     seed=n * 100 + sinks * 10 + window)
+    out = torch.full_like(args[0], float("nan"))
+    assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
+
+
+@pytest.mark.parametrize("frame_tokens,chunk_frames", [
+    (21, 2),  # 42 tokens: two full 16-key tiles and a 10-key tail per page
+    (16, 2),  # 32 tokens: exactly two tiles, no tail
+    (5, 1),   # 5 tokens: the tail is the whole page
 ])
-def test_triton_key_tiles_split_at_frame_boundaries(frame_tokens, chunk_frames, page_frame_tokens):
-    """Key tiles never straddle a frame (the frame rotation is one table row per tile)."""
+def test_triton_page_tails(frame_tokens, chunk_frames):
+    """Full key tiles are read unmasked, the partial last tile of every page (and of the chunk) masked."""
     from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
 
     dtype = torch.float32
-    args = list(make_case(3, 19, 16, dtype, [[6, 7, 0], [7, 1, GARBAGE], [5]], [3, 2, 1],
-                          frame_tokens=frame_tokens, chunk_frames=chunk_frames, seed=frame_tokens))
-    args[-1] = page_frame_tokens
+    args = make_case(3, 19, 16, dtype, [[6, 7, 0], [7, 1, GARBAGE], [5]], [3, 2, 1], lc=21,
+                     frame_tokens=frame_tokens, chunk_frames=chunk_frames, seed=frame_tokens)
     out = torch.full_like(args[0], float("nan"))
     assert_close(paged_attention_triton(*args, out=out), paged_attention_naive(*args), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "sdpa"])
+def test_max_pages_narrows_reads_not_results(backend):
+    """The host's page bound (the longest beam) gives the full-width result, and only slots below it are read."""
+    dtype = torch.float32
+    args = list(make_case(3, 5, 16, dtype, [[6, 7, 2, 3], [7, 1, 0, 4], [2, 3, 1, 5]], [2, 1, 0]))
+    want = paged_attention(*args, backend=backend)
+    args[5] = args[5].clone()
+    args[5][:, 2:] = 9999  # columns past the longest beam: never dereferenced when max_pages says so
+    assert_close(paged_attention(*args, backend=backend, max_pages=2), want, dtype)
 
 
 def test_triton_d64_chunk_length_differs_and_scale():
@@ -196,13 +252,9 @@ def test_package_imports_without_triton():
 
 # --- realistic shapes on a GPU (bf16): Wan 1.3B heads, three-frame chunks, a sink + window of pages ---
 
-def _realistic(n, dtype, pages, lq=1560 * 3, frame_tokens=1560, h=12, d=128):
+def _realistic(n, dtype, pages, lq=1560 * 3, h=12, d=128):
     gen = torch.Generator().manual_seed(0)
-    from streamt1_engine.model.rope import Rope3D
-
-    rope = Rope3D(d, max_frames=64, device="cuda")
-    sc, ss = rope.spatial_tables(30, 52)
-    t = 3 * frame_tokens
+    t = lq
     pool = 12
 
     def rnd(*shape):
@@ -211,9 +263,7 @@ def _realistic(n, dtype, pages, lq=1560 * 3, frame_tokens=1560, h=12, d=128):
     k_pool, v_pool = rnd(2, pool, t, h, d), rnd(2, pool, t, h, d)
     tables = torch.tensor([[(3 * i + j) % pool for j in range(pages)] for i in range(n)], dtype=torch.int32)
     counts = torch.tensor([pages - (i % 2) for i in range(n)], dtype=torch.int32)
-    pos = torch.arange(pool, dtype=torch.int32) * 3
-    return (rnd(n, lq, h, d), rnd(n, lq, h, d), rnd(n, lq, h, d), k_pool[1], v_pool[1], tables.cuda(),
-            counts.cuda(), pos.cuda(), rope.frame_cos, rope.frame_sin, sc, ss, frame_tokens)
+    return (rnd(n, lq, h, d), rnd(n, lq, h, d), rnd(n, lq, h, d), k_pool[1], v_pool[1], tables.cuda(), counts.cuda())
 
 
 def _relative_error(a, b):
@@ -258,18 +308,54 @@ def test_gpu_small_against_naive_bf16():
     assert_close(paged_attention_triton(*args), paged_attention_naive(*args), torch.bfloat16)
 
 
-def test_triton_with_real_rope_tables():
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_rope_kernel_small_against_its_naive_bf16():
+    from streamt1_engine.kernels.paged_attention.fused_rope import paged_attention_triton_rope
+
+    args = make_rope_case(3, 37, 128, torch.bfloat16, [[6, 7, 0, 1], [2, 7], [1, 3, 5]], [4, 2, 3], h=4,
+                          frame_tokens=24, chunk_frames=3)
+    assert_close(paged_attention_triton_rope(*args), paged_attention_rope_naive(*args), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["zero-pages", "wrapped-scrambled", "ragged-shared", "count-exceeds-width"])
+def test_triton_rope_matches_rope_naive(case, dtype):
+    """The previous kernel (kept for the A/B) still computes its own semantics."""
+    from streamt1_engine.kernels.paged_attention.fused_rope import paged_attention_triton_rope
+
+    n, lq, d, tables, counts = CASES[case]
+    args = make_rope_case(n, lq, d, dtype, tables, counts)
+    out = torch.full_like(args[0], float("nan"))
+    assert_close(paged_attention_triton_rope(*args, out=out), paged_attention_rope_naive(*args), dtype)
+
+
+def test_triton_rope_with_real_rope_tables():
     """The engine's own factorised tables (frame part and spatial parts in disjoint columns)."""
-    from streamt1_engine.kernels.paged_attention.fused import paged_attention_triton
+    from streamt1_engine.kernels.paged_attention.fused_rope import paged_attention_triton_rope
     from streamt1_engine.model.rope import Rope3D
 
     dtype = torch.float16
-    args = list(make_case(3, 18, 32, dtype, [[2, 3, 4], [2, 3, 5], [2, 6]], [3, 3, 2], frame_tokens=6,
-                          chunk_frames=3))
+    args = list(make_rope_case(3, 18, 32, dtype, [[2, 3, 4], [2, 3, 5], [2, 6]], [3, 3, 2], frame_tokens=6,
+                               chunk_frames=3))
     rope = Rope3D(32, max_frames=64, device=DEVICE)
     args[8], args[9] = rope.frame_cos, rope.frame_sin
     args[10], args[11] = rope.spatial_tables(2, 3)
-    assert_close(paged_attention_triton(*args), paged_attention_naive(*args), dtype)
+    assert_close(paged_attention_triton_rope(*args), paged_attention_rope_naive(*args), dtype)
+
+
+def test_pre_rope_reference_equals_post_rope_reference_on_rotated_pages():
+    """Both references agree when the post-RoPE pool holds the pre-RoPE pool's keys rotated at the pages'
+    positions: the two cache layouts describe the same attention."""
+    from streamt1_engine.kernels.paged_attention.naive_rope import rotated_page_keys
+
+    args = make_rope_case(3, 12, 32, torch.float32, [[2, 3, 4], [2, 5], [6]], [3, 2, 1], frame_tokens=6,
+                          chunk_frames=2)
+    q, kc, vc, k_pool, v_pool, table, counts, pos, fc, fs, sc, ss, ft = args
+    every_page = torch.arange(k_pool.shape[0])[None]
+    k_rotated = rotated_page_keys(k_pool, every_page, pos, fc, fs, sc, ss, ft)[0]
+    torch.testing.assert_close(paged_attention_naive(q, kc, vc, k_rotated, v_pool, table, counts),
+                               paged_attention_rope_naive(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_bench_script_tiny_runs(tmp_path):
@@ -286,5 +372,5 @@ def test_bench_script_tiny_runs(tmp_path):
     report = json.loads((tmp_path / "bench_attention.json").read_text())
     rows = report["rows"]
     assert report["environment"]["tiny"] and "CPU smoke run" in (tmp_path / "bench_attention.md").read_text()
-    assert {(r["n"], r["backend"]) for r in rows} >= {(n, b) for n in (1, 3) for b in ("triton", "sdpa")}
+    assert {(r["n"], r["backend"]) for r in rows} >= {(n, b) for n in (1, 3) for b in ("triton", "triton_rope", "sdpa")}
     assert all(r["rel_err_vs_sdpa"] < 1e-5 and r["ms"] > 0 for r in rows)
