@@ -6,6 +6,7 @@ import torch
 from streamt1_engine.cache import BeamPages, PagedKVCache, RouteFlag
 from streamt1_engine.config import StreamConfig, WanConfig
 from streamt1_engine.model.wan import CausalWanDiT
+from streamt1_engine.model.rope import rope_part_dims
 
 
 def tiny_model(seed: int = 0, **overrides) -> CausalWanDiT:
@@ -42,3 +43,14 @@ def upstream_noise(seed: int, shape, num_steps: int, dtype=torch.float32, device
 
 
 __all__ = ["BeamPages", "RouteFlag", "tiny_model", "text_context", "make_cache", "upstream_noise"]
+
+
+def move_frames(k: torch.Tensor, offset: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate keys [..., D] (pairs i, i + D/2) by ``offset`` frames: the frame part of Wan's RoPE only."""
+    d = k.shape[-1]
+    t_dim = rope_part_dims(d)[0]
+    angles = torch.zeros(d // 2, dtype=torch.float64)
+    angles[: t_dim // 2] = offset / theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64)[: t_dim // 2] / t_dim)
+    z = torch.complex(k[..., : d // 2].double(), k[..., d // 2:].double()) * torch.polar(torch.ones_like(angles),
+                                                                                         angles)
+    return torch.cat([z.real, z.imag], -1).to(k.dtype)

@@ -7,22 +7,10 @@ import random
 
 import torch
 
-from helpers import BeamPages, RouteFlag, make_cache, tiny_model
+from helpers import BeamPages, RouteFlag, make_cache, move_frames, tiny_model
 from streamt1_engine.config import StreamConfig
-from streamt1_engine.model.rope import rope_part_dims
 
 ALPHA = 0.9
-
-
-def move_frames(k: torch.Tensor, offset: int, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate keys [..., D] (pairs i, i + D/2) by ``offset`` frames: the frame part of Wan's RoPE only."""
-    d = k.shape[-1]
-    t_dim = rope_part_dims(d)[0]
-    angles = torch.zeros(d // 2, dtype=torch.float64)
-    angles[: t_dim // 2] = offset / theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64)[: t_dim // 2] / t_dim)
-    z = torch.complex(k[..., : d // 2].double(), k[..., d // 2:].double()) * torch.polar(torch.ones_like(angles),
-                                                                                         angles)
-    return torch.cat([z.real, z.imag], -1).to(k.dtype)
 
 
 class ListCache:
