@@ -31,14 +31,18 @@ AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
 ]
 
-if _INTERPRET:
-    # The interpreter runs every program in Python: one small config keeps tests fast and exercises tails.
-    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-elif os.environ.get("STREAMT1_TRITON_AUTOTUNE", "1") == "0":
-    # Skip tuning (e.g. many small shapes in a test run): the first config is the H100 default.
-    _CONFIGS = AUTOTUNE_CONFIGS[:1]
-else:
-    _CONFIGS = AUTOTUNE_CONFIGS
+def launch_configs(configs: list) -> list:
+    """The configs a launch may try: one small config in the interpreter (every program runs in Python; it
+    keeps tests fast and exercises tails), the first (the H100 default) with STREAMT1_TRITON_AUTOTUNE=0
+    (e.g. many small shapes in a test run), else all of them."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if os.environ.get("STREAMT1_TRITON_AUTOTUNE", "1") == "0":
+        return configs[:1]
+    return configs
+
+
+_CONFIGS = launch_configs(AUTOTUNE_CONFIGS)
 
 
 @triton.jit
@@ -129,18 +133,19 @@ _paged_attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["D", "Lq", "T"])(
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages):
+def _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages,
+           name: str = "paged_attention_triton"):
     n, lq, h, d = q.shape
     if q.dtype not in _TL_DTYPE:
-        raise TypeError(f"paged_attention_triton: unsupported dtype {q.dtype}")
+        raise TypeError(f"{name}: unsupported dtype {q.dtype}")
     if d < 16 or d & (d - 1):
-        raise ValueError(f"paged_attention_triton: head dim must be a power of two >= 16, got {d}")
+        raise ValueError(f"{name}: head dim must be a power of two >= 16, got {d}")
     if k_chunk.shape[0] != n or k_chunk.shape[2:] != (h, d) or v_chunk.shape != k_chunk.shape:
-        raise ValueError("paged_attention_triton: chunk K/V must be [N, Lc, H, D] matching q")
+        raise ValueError(f"{name}: chunk K/V must be [N, Lc, H, D] matching q")
     if k_pool.shape[2:] != (h, d) or v_pool.shape != k_pool.shape:
-        raise ValueError("paged_attention_triton: pools must be [P, T, H, D] matching q")
+        raise ValueError(f"{name}: pools must be [P, T, H, D] matching q")
     if page_table.dim() != 2 or page_table.shape[0] != n or num_pages.shape != (n,):
-        raise ValueError("paged_attention_triton: page_table must be [N, M] and num_pages [N]")
+        raise ValueError(f"{name}: page_table must be [N, M] and num_pages [N]")
 
 
 def paged_attention_triton(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale: float | None = None,

@@ -10,14 +10,13 @@ shape before capturing, so that autotuning happens outside the graph).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .fused import _LOG2E, _TL_DTYPE, _check, launch_configs
+
 
 # H100 at D=128. 128-row query tiles amortise the per-key rotation over many queries. Every config compiles
 # for sm_90 on triton 3.6 and 3.9 without register spills and within 227 KB of shared memory
@@ -31,14 +30,7 @@ AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
 ]
 
-if _INTERPRET:
-    # The interpreter runs every program in Python: one small config keeps tests fast and exercises tails.
-    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-elif os.environ.get("STREAMT1_TRITON_AUTOTUNE", "1") == "0":
-    # Skip tuning (e.g. many small shapes in a test run): the first config is the H100 default.
-    _CONFIGS = AUTOTUNE_CONFIGS[:1]
-else:
-    _CONFIGS = AUTOTUNE_CONFIGS
+_CONFIGS = launch_configs(AUTOTUNE_CONFIGS)
 
 
 @triton.jit
@@ -150,21 +142,6 @@ def _paged_attn_rope_fwd(
 
 _paged_attn_rope_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["HALF", "Lq", "T"])(_paged_attn_rope_fwd)
 
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages):
-    n, lq, h, d = q.shape
-    if q.dtype not in _TL_DTYPE:
-        raise TypeError(f"paged_attention_triton_rope: unsupported dtype {q.dtype}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"paged_attention_triton_rope: head dim must be a power of two >= 16, got {d}")
-    if k_chunk.shape[0] != n or k_chunk.shape[2:] != (h, d) or v_chunk.shape != k_chunk.shape:
-        raise ValueError("paged_attention_triton_rope: chunk K/V must be [N, Lc, H, D] matching q")
-    if k_pool.shape[2:] != (h, d) or v_pool.shape != k_pool.shape:
-        raise ValueError("paged_attention_triton_rope: pools must be [P, T, H, D] matching q")
-    if page_table.dim() != 2 or page_table.shape[0] != n or num_pages.shape != (n,):
-        raise ValueError("paged_attention_triton_rope: page_table must be [N, M] and num_pages [N]")
 
 
 def paged_attention_triton_rope(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, page_frame_pos,
@@ -174,7 +151,7 @@ def paged_attention_triton_rope(q, k_chunk, v_chunk, k_pool, v_pool, page_table,
 
     ``out`` (any strides, q's shape and dtype) lets a captured CUDA graph reuse a static output buffer.
     """
-    _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages)
+    _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, "paged_attention_triton_rope")
     n, lq, h, d = q.shape
     scale = d ** -0.5 if scale is None else float(scale)
     if out is None:
