@@ -23,7 +23,7 @@ from ..cache import BeamPages, PagedKVCache, RouteFlag
 from ..errors import StreamT1Error
 from ..rewards.base import score
 from ..model.wan import ChunkAttention, TextContext
-from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
+from ..sampler import ChunkNoise, EagerDenoiser, Schedule  # EagerDenoiser: also imported from here
 from ..vae import decode_cold_windows
 from .config import SearchConfig
 from .noise import StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise
@@ -97,19 +97,6 @@ def to_float(frames_u8: torch.Tensor) -> torch.Tensor:
 
 
 RewardFn = Callable[[torch.Tensor, str], torch.Tensor]
-
-
-class EagerDenoiser:
-    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs."""
-
-    def __init__(self, model, schedule: Schedule, text: TextContext, context_timestep: float = 0.0):
-        self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
-
-    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
-        return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
-
-    def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
-        context_pass(self.model, x0, self.text, attn, self.context_timestep)
 
 
 class BeamSearch:
