@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import StreamT1Error
+from .errors import StreamT1Error
 
 
 class BackendUnavailableError(StreamT1Error, RuntimeError):

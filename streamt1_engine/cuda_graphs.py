@@ -30,9 +30,9 @@ import torch
 
 from . import profiling
 from .errors import StreamT1Error, require
-from .model.wan import ChunkAttention, KVPool, TextContext
-from .sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
-from .search.beam_search import EagerDenoiser
+from .cache import KVPool
+from .model.wan import ChunkAttention, TextContext
+from .sampler import ChunkNoise, EagerDenoiser, Schedule, context_pass, denoise_chunk
 
 CAPTURABLE_BACKENDS = ("torch", "triton")
 GRAPHS_NEED_CUDA = "CUDA graphs need a CUDA device; running eagerly"

@@ -1,8 +1,6 @@
 """One exception type for every user-facing failure, so the CLI can print one line instead of a traceback."""
 
-
-class StreamT1Error(Exception):
-    """A problem with the user's input, weights or environment, described in one line."""
+from .kernels.errors import StreamT1Error  # defined there: the kernels import nothing of the engine
 
 
 def require(condition: bool, message: str) -> None:

@@ -70,3 +70,16 @@ def context_pass(model, x0: torch.Tensor, text, attn, timestep: float = 0.0) -> 
     require(attn.write_pages is not None, "the context pass needs pages to write")
     t = torch.full((x0.shape[0],), timestep, device=x0.device, dtype=torch.float32)
     model(x0, t, text, attn)
+
+
+class EagerDenoiser:
+    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs."""
+
+    def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0):
+        self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
+
+    def denoise(self, noise: ChunkNoise, attn) -> torch.Tensor:
+        return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
+
+    def context(self, x0: torch.Tensor, attn) -> None:
+        context_pass(self.model, x0, self.text, attn, self.context_timestep)

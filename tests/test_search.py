@@ -1,7 +1,6 @@
 """Stream-T1 search: batched beams over shared pages must match a one-candidate-at-a-time reference."""
 import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from streamt1_engine.model.wan import ChunkAttention
 from streamt1_engine.sampler import ChunkNoise, context_pass, denoise_chunk, make_schedule
 from streamt1_engine.rewards import hybrid_weight
 from streamt1_engine.search.beam_search import BeamSearch, to_float, to_uint8
+from streamt1_engine.search.policy import SearchPolicy
 from streamt1_engine.search.config import SearchConfig
 from streamt1_engine.search.noise import chunk_seed, draw_chunk_noise, propagate_noise
 from streamt1_engine.vae import SpaceToDepthVAE
@@ -280,12 +280,12 @@ def test_routing_short_baseline_lineage_or_window(short_history, expected):
     [max(0, 1 - W):] starts at 0); window: with the last W only."""
     search = SearchConfig(strategy="stream_t1", window_chunks=3, short_threshold=0.0, long_threshold=0.2,
                           short_history=short_history)
-    runner = SimpleNamespace(search=search, chunk_index=4)
-    parent = SimpleNamespace(short_history=[10.0, 0.0, 0.0, 0.0], last_long=0.5)
+    policy = SearchPolicy(search, seed=0, num_chunks=8, chunk_frames=3)
+    history = [10.0, 0.0, 0.0, 0.0]
     # lineage mean 2.5 > 1.0: not high; window mean 0.0 < 1.0: high, and the long score did not drop
-    assert BeamSearch._route(runner, parent, 1.0, 0.5) == expected
-    parent.last_long = 1.0  # long dropped by 0.5 > 0.2: a high short score now means APPEND
-    assert BeamSearch._route(runner, parent, 1.0, 0.5) == (
+    assert policy.route(4, history, 0.5, 1.0, 0.5) == expected
+    # long dropped by 0.5 > 0.2: a high short score now means APPEND
+    assert policy.route(4, history, 1.0, 1.0, 0.5) == (
         RouteFlag.APPEND if short_history == "window" else RouteFlag.DISCARD)
     with pytest.raises(StreamT1Error, match="short_history"):
         SearchConfig(short_history="last")

@@ -15,7 +15,7 @@ import torch
 from ..config import StreamConfig, WanConfig
 from ..errors import StreamT1Error, require
 from ..kernels.sink_merge import sink_merge_
-from ..model.wan import KVPool
+from .kv_pool import KVPool
 
 
 class RouteFlag(enum.IntEnum):

@@ -14,40 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cache.kv_pool import KVPool  # also importable from here
 from ..config import WanConfig
 from ..errors import require
 from ..kernels.paged_attention import paged_attention
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..kernels.residual_norm import residual_norm
 from .rope import Rope3D
-
-
-@dataclass
-class KVPool:
-    """Preallocated K/V pages of every layer: [L, P, T, H, D]; keys rotated at their page's positions, in the
-    half-split layout. ``frame_cos``/``frame_sin`` (the RoPE frame tables) let a memory-sink merge move
-    evicted keys onto the sink page's frames."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    page_frame_pos: torch.Tensor  # [P] int32, latent-frame index of each page's first frame
-    frame_cos: torch.Tensor | None = None  # [F, D/2] float32
-    frame_sin: torch.Tensor | None = None
-
-    @classmethod
-    def allocate(cls, cfg: WanConfig, num_pages: int, page_tokens: int, device, dtype,
-                 max_frames: int = 4096) -> "KVPool":
-        shape = (cfg.num_layers, num_pages, page_tokens, cfg.num_heads, cfg.head_dim)
-        rope = Rope3D(cfg.head_dim, cfg.rope_theta, max_frames, device=device)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(num_pages, device=device, dtype=torch.int32), rope.frame_cos, rope.frame_sin)
-
-    @property
-    def num_pages(self) -> int:
-        return self.k.shape[1]
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
 
 @dataclass

@@ -8,11 +8,12 @@ With ``reward_frames="cold"`` the rewards see what the reference shows them: the
 the window decoded from its first chunk, both from a cold VAE state (siblings share their beam's decoded
 window prefix); the output video stays the streamed decode.
 ``none`` and ``best_of_n`` are the same loop with other shapes and units switched off.
+The decisions (seeds, survivors, route flags, hybrid weight, final pick) come from ``policy.SearchPolicy``
+on host values; this module does the tensor work.
 """
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,13 +21,13 @@ import torch
 
 from ..cache import BeamPages, PagedKVCache, RouteFlag
 from ..errors import StreamT1Error
-from ..rewards.base import hybrid_weight, score
+from ..rewards.base import score
 from ..model.wan import ChunkAttention, TextContext
-from ..sampler import ChunkNoise, Schedule, context_pass, denoise_chunk
+from ..sampler import ChunkNoise, EagerDenoiser, Schedule  # EagerDenoiser: also imported from here
 from ..vae import decode_cold_windows
 from .config import SearchConfig
-from .noise import (StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise,
-                    upstream_seeds)
+from .noise import StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise
+from .policy import SearchPolicy
 
 
 @dataclass
@@ -98,19 +99,6 @@ def to_float(frames_u8: torch.Tensor) -> torch.Tensor:
 RewardFn = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-class EagerDenoiser:
-    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs."""
-
-    def __init__(self, model, schedule: Schedule, text: TextContext, context_timestep: float = 0.0):
-        self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
-
-    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
-        return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
-
-    def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
-        context_pass(self.model, x0, self.text, attn, self.context_timestep)
-
-
 class BeamSearch:
     """Runs one prompt's stream; ``step()`` generates one chunk for every beam."""
 
@@ -133,33 +121,12 @@ class BeamSearch:
         self.records: list[ChunkRecord] = []
         self.chunk_index = 0
         self.noise_dtype = cache.pool.k.dtype  # upstream draws in the dtype its model and KV cache run in
-        self._next_seed = seed + search.first_chunk_candidates
+        self.policy = SearchPolicy(search, seed, num_chunks, latent_shape[1])
         self._stream_noise: StreamNoise | None = None  # plain streaming in official mode: one generator
-        self._rng = random.Random(seed)
         if search.uses_rewards and (short_reward is None or long_reward is None):
             raise StreamT1Error(f"search {search.strategy!r} needs a short-term and a long-term reward")
 
     # -- candidate construction -------------------------------------------------------------------
-    def _candidate_seeds(self) -> tuple[list[int], list[int]]:
-        if self.chunk_index == 0:
-            n = self.search.first_chunk_candidates
-            return [self.seed + j for j in range(n)], [0] * n
-        if self.search.noise_mode == "official":
-            b = self.search.children_per_beam
-            seeds = upstream_seeds(self.seed, self.chunk_index, [beam.node.seed for beam in self.beams], b,
-                                   self.search.first_chunk_candidates)
-            return seeds, [k for k in range(len(self.beams)) for _ in range(b)]
-        seeds, parents = [], []
-        for k, beam in enumerate(self.beams):
-            for j in range(self.search.children_per_beam):
-                if j == 0:
-                    seeds.append(beam.node.seed)
-                else:
-                    seeds.append(self._next_seed)
-                    self._next_seed += 1
-                parents.append(k)
-        return seeds, parents
-
     def _noise(self, seeds: list[int], parents: list[int]) -> ChunkNoise:
         """All of the chunk's noise, drawn before denoising (graph replays need it pre-drawn)."""
         official = self.search.noise_mode == "official"
@@ -218,33 +185,10 @@ class BeamSearch:
         window = decode_cold_windows(self.vae, prefixes, x0, torch.tensor(parents, device=self.device))
         return to_float(short_u8), to_float(to_uint8(window, truncate=True))
 
-    def _select(self, hybrid: torch.Tensor | None, n: int) -> list[int]:
-        k = min(self.search.survivors, n)
-        if hybrid is None:
-            return list(range(k))
-        if not self.search.reward_pruning:
-            return sorted(self._rng.sample(range(n), k))
-        values = hybrid.tolist()
-        return sorted(range(n), key=lambda i: (-values[i], i))[:k]
-
-    def _route(self, parent: Beam, short: float | None, long: float | None) -> RouteFlag:
-        if not self.search.sinks_memory or self.chunk_index == 0 or short is None:
-            return RouteFlag.DISCARD
-        # "lineage" (upstream): mean over every earlier chunk of the lineage; "window": the last W chunks only
-        history = parent.short_history
-        recent = history if self.search.short_history == "lineage" else history[-self.search.window_chunks:]
-        short_high = bool(recent) and short - sum(recent) / len(recent) > self.search.short_threshold
-        long_low = parent.last_long is not None and parent.last_long - long > self.search.long_threshold
-        if short_high and not long_low:
-            return RouteFlag.EMA
-        if short_high and long_low:
-            return RouteFlag.APPEND
-        return RouteFlag.DISCARD
-
     # -- one chunk --------------------------------------------------------------------------------
     def step(self) -> ChunkRecord:
         search, c = self.search, self.chunk_index
-        seeds, parents = self._candidate_seeds()
+        seeds, parents = self.policy.candidates(c, [beam.node.seed for beam in self.beams] if c > 0 else [])
         parent_beams = [self.beams[p] for p in parents]
         n = len(seeds)
         noise = self._noise(seeds, parents)
@@ -264,13 +208,10 @@ class BeamSearch:
                 short_in, long_in = self._reward_inputs(parent_beams, parents, x0, frames_u8)
                 short = score(self.short_reward, short_in, self.prompt)
                 long = score(self.long_reward, long_in, self.prompt)
-                chunk_frames = self.latent_shape[1]
-                weight = hybrid_weight(c * chunk_frames, self.num_chunks * chunk_frames, chunk_frames,
-                                       search.fusion_cap)
+                weight = self.policy.hybrid_weight(c)
                 hybrid = weight * short + (1 - weight) * long
             # a candidate with non-finite latents gets a NaN score: seen with the scores' own read-back below
             hybrid = torch.where(torch.isfinite(x0).flatten(1).all(1), hybrid, torch.nan)
-        survivors = self._select(hybrid, n)
         short_l = short.tolist() if short is not None else None
         long_l = long.tolist() if long is not None else None
         hybrid_l = hybrid.tolist() if hybrid is not None else None
@@ -278,6 +219,7 @@ class BeamSearch:
             bad = [i for i, v in enumerate(hybrid_l) if not math.isfinite(v)]
             raise StreamT1Error(f"chunk {c}: candidates {bad} have non-finite latents or reward scores (NaN or "
                                 "infinity): the model's weights or inputs are corrupt, or the dtype overflows")
+        survivors = self.policy.select(hybrid_l, n)
 
         # clean context pass for the survivors only, writing one fresh page each
         surv_parents = [parent_beams[i] for i in survivors]
@@ -292,7 +234,7 @@ class BeamSearch:
                 parent = parent_beams[i]
                 s_i = short_l[i] if short_l is not None else None
                 l_i = long_l[i] if long_l is not None else None
-                flag = self._route(parent, s_i, l_i)
+                flag = self.policy.route(c, parent.short_history, parent.last_long, s_i, l_i)
                 # clones: a slice would keep the whole candidate batch alive for as long as the node lives
                 node = ChunkNode(c, seeds[i], parent.node, x0[i].clone(), frames_u8[i].clone(),
                                  noise.initial[i].clone(), s_i, l_i, hybrid_l[i] if hybrid_l is not None else None,
@@ -366,7 +308,7 @@ class BeamSearch:
         videos = torch.stack([to_float(torch.cat([n.frames.to(self.device) for n in b.node.lineage()]))
                               for b in self.beams])
         scores = score(final_reward, videos, self.prompt).tolist()
-        return max(range(len(scores)), key=lambda i: (scores[i], -i)), scores
+        return self.policy.final_pick(scores), scores
 
     def release(self) -> None:
         for beam in self.beams:
