@@ -163,6 +163,10 @@ for name in $steps; do
             has_module flash_attn || notes+="- no flash-attn: not timed (SDPA's own kernels are)"$'\n'
             ;;
         attention)
+            if ! has_module triton; then
+                rows+="| attention | skipped (no triton) | 0 | no kernel numbers |"$'\n'
+                continue
+            fi
             backends=$(attention_backends 2> "$work/backends.err")
             [ -s "$work/backends.err" ] && notes+="- attention: $(cat "$work/backends.err")"$'\n'
             step attention 100 "providers: ${backends:-none}" \

@@ -13,7 +13,8 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 # Optional packages and the extra that installs them: a test that needs one which is not installed is
 # skipped with that reason (never when the package is installed: then its errors fail the test).
-OPTIONAL_PACKAGES = {"triton": "triton", "diffusers": "wan", "transformers": "wan", "flash_attn": "flash-attn",
+OPTIONAL_PACKAGES = {"triton": "triton", "diffusers": "wan", "transformers": "wan", "tokenizers": "wan",
+                     "flash_attn": "flash-attn",
                      "xformers": "xformers", "nvtx": "nvtx"}
 
 
