@@ -54,3 +54,15 @@ def move_frames(k: torch.Tensor, offset: int, theta: float = 10000.0) -> torch.T
     z = torch.complex(k[..., : d // 2].double(), k[..., d // 2:].double()) * torch.polar(torch.ones_like(angles),
                                                                                          angles)
     return torch.cat([z.real, z.imag], -1).to(k.dtype)
+
+
+def brightness(frames, prompt):
+    """A deterministic short-term test reward that differs between candidates."""
+    return frames.mean(dim=(1, 2, 3, 4)) * 10
+
+
+def smoothness(frames, prompt):
+    """A deterministic long-term test reward: minus the mean frame-to-frame change."""
+    if frames.shape[1] < 2:
+        return torch.zeros(frames.shape[0], device=frames.device)
+    return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) * 10

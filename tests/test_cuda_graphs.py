@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import text_context, tiny_model
+from helpers import brightness, smoothness, text_context, tiny_model
 from streamt1_engine import SearchConfig, StreamT1Engine, StreamT1Error
 from streamt1_engine import profiling
 from streamt1_engine.cache import BeamPages, PagedKVCache
@@ -43,16 +43,6 @@ class ReplayByRerun:
                 output.copy_(result)
 
         return replay, output
-
-
-def brightness(frames, prompt):
-    return frames.mean(dim=(1, 2, 3, 4)) * 10
-
-
-def smoothness(frames, prompt):
-    if frames.shape[1] < 2:
-        return torch.zeros(frames.shape[0], device=frames.device)
-    return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) * 10
 
 
 def run_search(model, text, cache, search, num_chunks, denoiser=None, seed=7):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import upstream_noise
+from helpers import brightness, smoothness, upstream_noise
 from streamt1_engine.engine import StreamT1Engine
 from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.search.beam_search import EagerDenoiser
@@ -15,14 +15,6 @@ from streamt1_engine.search.noise import draw_upstream_noise, upstream_seed_coll
 
 FIXTURE = Path(__file__).parent / "fixtures" / "portable_run_v1.pt"
 SIGMA = -0.1
-
-
-def brightness(frames, prompt):
-    return frames.mean(dim=(1, 2, 3, 4)) * 10
-
-
-def smoothness(frames, prompt):
-    return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) * 10
 
 
 @pytest.fixture(scope="module")

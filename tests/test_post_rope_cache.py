@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from helpers import BeamPages, RouteFlag, make_cache, text_context, tiny_model
+from helpers import BeamPages, RouteFlag, brightness, make_cache, smoothness, text_context, tiny_model
 from streamt1_engine import SearchConfig, StreamT1Engine
 from streamt1_engine.cache import PagedKVCache, paged_cache
 from streamt1_engine.config import StreamConfig
@@ -124,16 +124,6 @@ def test_rotated_merge_equals_rotating_at_attention_time(dtype, tol):
         assert err <= tol, f"layer {layer}: cache relative error {err:.2e}"
         torch.testing.assert_close(new_cache.pool.v[layer][pages], old_cache.pool.v[layer][pages], atol=tol,
                                    rtol=tol)
-
-
-def brightness(frames, prompt):
-    return frames.mean(dim=(1, 2, 3, 4)) * 10
-
-
-def smoothness(frames, prompt):
-    if frames.shape[1] < 2:
-        return torch.zeros(frames.shape[0], device=frames.device)
-    return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) * 10
 
 
 def test_stream_is_the_same_video_as_before():

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from helpers import BeamPages, RouteFlag, make_cache, move_frames, text_context, tiny_model, upstream_noise
+from helpers import (BeamPages, RouteFlag, brightness, make_cache, move_frames, smoothness, text_context, tiny_model,
+                     upstream_noise)
 from streamt1_engine.config import SamplerConfig, StreamConfig
 from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.model.wan import ChunkAttention
@@ -19,16 +20,6 @@ from streamt1_engine.vae import SpaceToDepthVAE
 
 STREAM = StreamConfig.tiny(local_attn_size=12, sink_size=3, max_sink_size=9)  # 2 window pages, sink <= 3 pages
 SCHEDULE = make_schedule(SamplerConfig())
-
-
-def brightness(frames, prompt):  # short-term: deterministic, varies between candidates
-    return frames.mean(dim=(1, 2, 3, 4)) * 10
-
-
-def smoothness(frames, prompt):  # long-term
-    if frames.shape[1] < 2:
-        return torch.zeros(frames.shape[0])
-    return -(frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) * 10
 
 
 def setup(seed=0):

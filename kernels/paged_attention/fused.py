@@ -148,6 +148,22 @@ def _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages,
         raise ValueError(f"{name}: page_table must be [N, M] and num_pages [N]")
 
 
+def _launch_inputs(q, k_chunk, v_chunk, page_table, scale, out, name: str):
+    """Scale, output buffer, a page table safe to pass (an empty tensor may have a null data pointer; the
+    loop never reads it anyway) and chunk K/V in q's dtype, for both kernels' wrappers."""
+    n, lq, h, d = q.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty((n, lq, h, d), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"{name}: out must have q's shape and dtype")
+    if page_table.shape[1] == 0:
+        page_table = torch.zeros((n, 1), dtype=torch.int32, device=q.device)
+    k_chunk = k_chunk if k_chunk.dtype == q.dtype else k_chunk.to(q.dtype)
+    v_chunk = v_chunk if v_chunk.dtype == q.dtype else v_chunk.to(q.dtype)
+    return scale, out, page_table, k_chunk, v_chunk
+
+
 def paged_attention_triton(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale: float | None = None,
                            *, max_pages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`.naive.paged_attention_naive`; any strides are accepted (e.g. ``k_pool[layer]`` views).
@@ -157,20 +173,12 @@ def paged_attention_triton(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_
     """
     _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages)
     n, lq, h, d = q.shape
-    scale = d ** -0.5 if scale is None else float(scale)
-    if out is None:
-        out = torch.empty((n, lq, h, d), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError("paged_attention_triton: out must have q's shape and dtype")
+    width = page_table.shape[1] if max_pages is None else min(int(max_pages), page_table.shape[1])
+    scale, out, page_table, k_chunk, v_chunk = _launch_inputs(q, k_chunk, v_chunk, page_table, scale, out,
+                                                              "paged_attention_triton")
     if n == 0 or lq == 0:
         return out
-    width = page_table.shape[1] if max_pages is None else min(int(max_pages), page_table.shape[1])
-    if page_table.shape[1] == 0:
-        # An empty tensor may have a null data pointer; the loop never reads it anyway.
-        page_table = torch.zeros((n, 1), dtype=torch.int32, device=q.device)
     dtype = q.dtype
-    k_chunk = k_chunk if k_chunk.dtype == dtype else k_chunk.to(dtype)
-    v_chunk = v_chunk if v_chunk.dtype == dtype else v_chunk.to(dtype)
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), n * h)

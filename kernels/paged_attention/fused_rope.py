@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import _LOG2E, _TL_DTYPE, _check, launch_configs
+from .fused import _LOG2E, _TL_DTYPE, _check, _launch_inputs, launch_configs
 
 
 # H100 at D=128. 128-row query tiles amortise the per-key rotation over many queries. Every config compiles
@@ -153,20 +153,12 @@ def paged_attention_triton_rope(q, k_chunk, v_chunk, k_pool, v_pool, page_table,
     """
     _check(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, "paged_attention_triton_rope")
     n, lq, h, d = q.shape
-    scale = d ** -0.5 if scale is None else float(scale)
-    if out is None:
-        out = torch.empty((n, lq, h, d), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError("paged_attention_triton_rope: out must have q's shape and dtype")
+    max_pages = page_table.shape[1]
+    scale, out, page_table, k_chunk, v_chunk = _launch_inputs(q, k_chunk, v_chunk, page_table, scale, out,
+                                                              "paged_attention_triton_rope")
     if n == 0 or lq == 0:
         return out
-    max_pages = page_table.shape[1]
-    if max_pages == 0:
-        # An empty tensor may have a null data pointer; the loop never reads it anyway.
-        page_table = torch.zeros((n, 1), dtype=torch.int32, device=q.device)
     dtype = q.dtype
-    k_chunk = k_chunk if k_chunk.dtype == dtype else k_chunk.to(dtype)
-    v_chunk = v_chunk if v_chunk.dtype == dtype else v_chunk.to(dtype)
     half = d // 2
 
     def grid(meta):
