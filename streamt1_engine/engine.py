@@ -184,6 +184,17 @@ class StreamT1Engine:
                    attention_backend=attention_backend, fps=parts.fps, name=parts.name,
                    default_rewards=parts.default_rewards, **kwargs)
 
+    def save_pretrained(self, path, *, dtype=None, description: str | None = None):
+        """Write an engine-format folder (``streamt1.json``, ``dit.safetensors``, the components' files and specs)
+        that ``from_pretrained(path)`` loads into an engine generating the same output. ``dtype``: the DiT
+        weights' dtype in the file (default: the engine's, lossless). Returns the folder's path."""
+        from .engine_format import save_engine_dir
+
+        return save_engine_dir(path, model=self.model, text_encoder=self.text_encoder, vae=self.vae,
+                               stream=self.config.stream, sampler=self.config.sampler, fps=self.fps, name=self.name,
+                               rewards=self.default_rewards, description=description,
+                               dtype=parse_dtype(dtype, self.device) if dtype is not None else None)
+
     # -- generation -------------------------------------------------------------------------------
     def _check_request(self, prompt, num_chunks, seed, search, height, width):
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")

@@ -2,19 +2,16 @@
 text-encoder and VAE sources) into the parts the engine needs."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
+from .engine_format import ENGINE_CONFIG_FILE, ENGINE_CONFIG_KEYS, ENGINE_FORMAT, read_engine_spec  # noqa: F401
 from .errors import StreamT1Error, require, require_packages
 from .model.wan import CausalWanDiT
-from .validation import build_config
 
-ENGINE_FORMAT = "streamt1-engine"
-ENGINE_CONFIG_FILE = "streamt1.json"
 BUILTIN_DIR = Path(__file__).parent / "assets" / "tiny"
 
 
@@ -28,10 +25,6 @@ def checkpoint_stream_preset(lora) -> str:
     is the layout of causal Wan DiTs converted to those formats, and the closest to the full attention of the
     bidirectional Wan2.1 base."""
     return "stream-t1" if lora is not None else "self-forcing"
-
-
-ENGINE_CONFIG_KEYS = ("format", "version", "name", "description", "model", "stream", "sampler", "text_encoder",
-                      "vae", "weights", "fps", "rewards", "training")
 
 
 @dataclass
@@ -66,34 +59,19 @@ def _engine_dir_parts(directory: Path, device, dtype, lora, lora_alpha=None, vae
     from .text_encoders import build_text_encoder
     from .vae import build_vae
 
-    try:
-        spec = json.loads((directory / ENGINE_CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise StreamT1Error(f"{directory / ENGINE_CONFIG_FILE} is not valid JSON: {exc}") from None
-    where = directory / ENGINE_CONFIG_FILE
-    require(isinstance(spec, dict) and spec.get("format") == ENGINE_FORMAT, f"{where} is not a {ENGINE_FORMAT} config")
-    unknown = sorted(set(spec) - set(ENGINE_CONFIG_KEYS))
-    require(not unknown, f"{where} has unknown keys {unknown}; known: {list(ENGINE_CONFIG_KEYS)}")
-    for key in ("model", "text_encoder", "vae"):
-        require(key in spec, f"{where} lacks the {key!r} section")
-    model_cfg = build_config(WanConfig, spec["model"], f"{where} 'model'")
-    stream = build_config(StreamConfig, spec.get("stream", {}), f"{where} 'stream'", StreamConfig.from_dict)
-    sampler = build_config(SamplerConfig, spec.get("sampler", {}), f"{where} 'sampler'")
-    fps = spec.get("fps", 16)
-    require(isinstance(fps, int) and not isinstance(fps, bool) and fps > 0,
-            f"{where} 'fps' must be a positive integer, got {fps!r}")
-    weights = directory / spec.get("weights", "dit.safetensors")
+    spec = read_engine_spec(directory)
+    weights = directory / spec.weights
     require(weights.exists(), f"missing weights file {weights}")
-    model = load_dit(str(weights), config=model_cfg, fmt="wan", lora=lora, lora_alpha=lora_alpha, device="cpu",
+    model = load_dit(str(weights), config=spec.model, fmt="wan", lora=lora, lora_alpha=lora_alpha, device="cpu",
                      dtype=torch.float32,
-                     max_frames=stream.max_frames)
-    if isinstance(spec["vae"], dict) and spec["vae"].get("type") == "wan":
+                     max_frames=spec.stream.max_frames)
+    if spec.vae.get("type") == "wan":
         require_packages(f"the Wan VAE of {directory}", "diffusers")
-    text = build_text_encoder(spec["text_encoder"], directory, device, dtype)
-    vae = build_vae(spec["vae"], directory, device, vae_dtype)
+    text = build_text_encoder(spec.text_encoder, directory, device, dtype)
+    vae = build_vae(spec.vae, directory, device, vae_dtype)
     check_finite_tensors(text, f"text encoder of {directory}")
-    return ModelParts(model, text, vae, EngineConfig(model_cfg, stream, sampler), fps=fps,
-                      name=spec.get("name", directory.name), default_rewards=spec.get("rewards", {}))
+    return ModelParts(model, text, vae, EngineConfig(spec.model, spec.stream, spec.sampler), fps=spec.fps,
+                      name=spec.name or directory.name, default_rewards=spec.rewards)
 
 
 def load_parts(source: str, *, device, dtype, text_encoder=None, vae=None, lora=None, lora_alpha=None,

@@ -62,8 +62,19 @@ class UMT5TextEncoder:
         a Wan repo dir (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``), or a hub id of any."""
         location = resolve_model_dir(str(path_or_id))
         root = location.parent if location.is_file() else location
-        return cls(_load_umt5_model(location, dtype), _load_tokenizer(root), text_len=text_len, device=device,
-                   dtype=dtype, cache_size=cache_size)
+        encoder = cls(_load_umt5_model(location, dtype), _load_tokenizer(root), text_len=text_len, device=device,
+                      dtype=dtype, cache_size=cache_size)
+        encoder.source = str(path_or_id)
+        return encoder
+
+    source: str | None = None  # where from_pretrained read it: what a saved engine folder points at
+
+    def save_pretrained(self, directory) -> dict:
+        """The spec an engine folder stores: a reference to the source the encoder was loaded from (the umT5
+        weights are not copied)."""
+        require(self.source is not None, "cannot save a umT5 text encoder built without from_pretrained: its "
+                                         "source is unknown")
+        return {"type": "umt5", "path": self.source, "text_len": self.text_len, "cache_size": self.cache_size}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -212,6 +223,10 @@ class HashedTextEncoder:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.dtype = dtype
+
+    def save_pretrained(self, directory) -> dict:
+        """Weight-free: the spec alone rebuilds it."""
+        return {"type": "hashed", "text_dim": self.text_dim, "text_len": self.text_len, "seed": self.seed}
 
     def tokens(self, prompt: str) -> list[str]:
         """Lower-cased words and punctuation marks, at most ``text_len``."""

@@ -120,7 +120,17 @@ class WanVAE:
             model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
             raise StreamT1Error(f"cannot load the Wan VAE from {folder}: {str(exc).splitlines()[0]}") from None
-        return cls(model, device=device, dtype=dtype)
+        vae = cls(model, device=device, dtype=dtype)
+        vae.source = str(path_or_id)
+        return vae
+
+    source: str | None = None  # where from_pretrained read it: what a saved engine folder points at
+
+    def save_pretrained(self, directory) -> dict:
+        """The spec an engine folder stores: a reference to the VAE's source and the dtype it decodes in."""
+        require(self.source is not None, "cannot save a Wan VAE built without from_pretrained: its source is unknown")
+        dtype = next(name for name, value in _VAE_DTYPES.items() if value == self.dtype)
+        return {"type": "wan", "path": self.source, "dtype": dtype}
 
     def frames_per_chunk(self, first: bool, latent_frames: int) -> int:
         """Video frames decoded from ``latent_frames``; the stream's first latent frame gives one frame."""
@@ -181,6 +191,10 @@ class SpaceToDepthVAE:
         self.latent_channels = 3 * factor * factor
         self.device = torch.device(device)
         self.dtype = dtype
+
+    def save_pretrained(self, directory) -> dict:
+        """Weight-free: the spec alone rebuilds it."""
+        return {"type": "space_to_depth", "factor": self.factor}
 
     def frames_per_chunk(self, first: bool, latent_frames: int) -> int:
         return latent_frames

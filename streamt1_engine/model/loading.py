@@ -27,7 +27,8 @@ import torch.nn as nn
 from ..config import WanConfig
 from ..errors import StreamT1Error, require
 from ..hub import looks_local, resolve_model_dir
-from ..lora import lora_scale, merged_weight
+from ..validation import build_config
+from ..lora import LoraFactors, merge_lora, parse_lora
 from .wan import CausalWanDiT
 
 FORMATS = ("auto", "streamt1", "diffusers", "wan", "self_forcing", "causvid", "longlive")
@@ -63,8 +64,6 @@ _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_
 # diffusers LoRA files (``transformer.``) and ComfyUI files (``diffusion_model.``).
 _LEADING_PREFIXES = ("base_model.model.", "base_model.", "module.", "model.", "transformer.", "diffusion_model.")
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_LORA_ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -348,7 +347,7 @@ def read_checkpoint(path: str | Path, fmt: str = "auto", use_ema: bool = True):
     if config_file is not None:
         config_json = _read_json(config_file)
         if config_file.name == STREAMT1_CONFIG:
-            config, naming = WanConfig.from_dict(config_json), "streamt1"
+            config, naming = build_config(WanConfig, config_json, str(config_file)), "streamt1"
         else:
             config, naming = _config_from_json(config_json, config_file)
 
@@ -386,12 +385,9 @@ def _resolve_source(source: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------- LoRA
 
-LoraPairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def read_lora(source: str | Path) -> tuple[LoraPairs, dict[str, float], float | None]:
-    """LoRA factors per target module: {module: (A [r, in], B [out, r])}, per-module alphas
-    (kohya-style ``.alpha`` entries) and a file-wide alpha when the file records one."""
+def read_lora(source: str | Path) -> tuple[LoraFactors, float | None]:
+    """The LoRA factors of a file or peft adapter folder (names stripped of wrapper prefixes) and a file-wide
+    alpha when the file records one (``adapter_config.json``'s ``lora_alpha``, a training ``adapter.alpha``)."""
     path = resolve_model_dir(str(source))
     file_alpha = None
     if path.is_dir():
@@ -407,49 +403,11 @@ def read_lora(source: str | Path) -> tuple[LoraPairs, dict[str, float], float | 
             file_alpha = adapter["alpha"]
         obj = obj["generator_lora"]
     weights = _tensor_dict(obj, f"LoRA file {path}")
-    require(weights, f"LoRA file {path} is empty")
-
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
-    adapters = set()
-    for name, tensor in weights.items():
-        clean = _strip_name(name)
-        if m := _LORA_KEY.match(clean):
-            adapters.add(m.group("adapter") or "default")
-            module = m.group("module")
-            side = "A" if m.group("kind") in ("lora_A", "lora_down") else "B"
-            require(side not in factors.setdefault(module, {}), f"LoRA file {path} repeats '{name}'")
-            factors[module][side] = tensor
-        elif m := _LORA_ALPHA_KEY.match(clean):
-            alphas[m.group("module")] = float(tensor)
-        else:
-            raise StreamT1Error(f"LoRA file {path}: unsupported entry '{name}' (expected lora_A/lora_B weights)")
-    require(len(adapters) == 1, f"LoRA file {path} mixes several adapters: {sorted(adapters)}")
-    pairs = {}
-    for module, sides in factors.items():
-        require(set(sides) == {"A", "B"},
-                f"LoRA file {path}: '{module}' has only lora_{''.join(sides)}, both factors are needed")
-        pairs[module] = (sides["A"], sides["B"])
-    return pairs, alphas, file_alpha
+    return parse_lora(weights, f"LoRA file {path}", rename=_strip_name), file_alpha
 
 
-def merge_lora(state: dict[str, torch.Tensor], model: nn.Module, pairs: LoraPairs, alphas: dict[str, float],
-               alpha: float | None, device=None) -> None:
-    """W += (alpha / rank) * B @ A in float32 for every target (in place on ``state``, moved to ``device``), as peft
-    scales its adapters; ``alpha`` (the user's) wins over per-module alphas, which win over alpha = rank."""
-    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    for target, (a, b) in pairs.items():
-        module = target if target in linears else _diffusers_name(target + ".weight")[: -len(".weight")]
-        require(module in linears, f"LoRA target '{target}' is not a linear layer of the model")
-        key = f"{module}.weight"
-        weight = state[key]
-        rank = a.shape[0]
-        require(a.dim() == 2 and b.dim() == 2 and b.shape[1] == rank and a.shape[1] == weight.shape[1]
-                and b.shape[0] == weight.shape[0],
-                f"LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit its weight "
-                f"{tuple(weight.shape)}")
-        module_alpha = alpha if alpha is not None else alphas.get(target, rank)
-        state[key] = merged_weight(weight, a, b, lora_scale(module_alpha, rank), device=device)
+def _diffusers_module(name: str) -> str:
+    return _diffusers_name(name + ".weight")[: -len(".weight")]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -499,8 +457,9 @@ def load_dit(source, *, config: WanConfig | None = None, fmt: str = "auto", lora
         model = CausalWanDiT(cfg, max_frames=max_frames)
     _check_keys(model, state, f"checkpoint {path}")
     if lora is not None:
-        pairs, alphas, file_alpha = read_lora(lora)
-        merge_lora(state, model, pairs, alphas, lora_alpha if lora_alpha is not None else file_alpha, device=device)
+        factors, file_alpha = read_lora(lora)
+        merge_lora(state, factors, alpha=lora_alpha if lora_alpha is not None else file_alpha,
+                   resolve=_diffusers_module, device=device, what=f"LoRA {lora}")
     check_finite_weights(state, f"checkpoint {path}")
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

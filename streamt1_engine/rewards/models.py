@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import StreamT1Error
-from ..lora import lora_scale, merged_weight
+from ..lora import merge_lora, peft_base_weights, peft_lora_entries
 from ._loading import locate, read_json
 from .base import ImageReward, check_frames
 from .qwen2vl import (
@@ -159,29 +158,18 @@ class HPSv3Reward(ImageReward):
 
 
 def _merge_lora(state: dict, peft: dict | None, what: str) -> dict:
-    """Fold PEFT LoRA pairs into their base weights, ``W = W0 + scale * B @ A`` with peft's scale (the helper
-    the DiT loader uses too); strip the PEFT prefixes; a ``modules_to_save`` copy replaces its original."""
-    state = {key.removeprefix("base_model.model."): value for key, value in state.items()}
-    merged, lora = {}, {}
-    for key, value in state.items():
-        match = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if match:
-            lora.setdefault(match.group(1), {})[match.group(2)] = value
-        elif ".original_module." not in key:
-            merged[re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.replace(".base_layer.", "."))] = value
-    if lora and peft is None:
+    """The dense weights of a peft-wrapped checkpoint with its LoRA folded in by the engine's one merge path
+    (``lora.merge_lora``: ``W = W0 + scale * B @ A`` with peft's scale), in the base weights' dtypes."""
+    merged, lora = peft_base_weights(state), peft_lora_entries(state)
+    if not lora:
+        return merged
+    if peft is None:
         raise StreamT1Error(f"{what}: checkpoint has LoRA weights but model_config.json has no peft_lora_config")
-    for module, pair in lora.items():
-        base_key = module + ".weight"
-        if set(pair) != {"A", "B"} or base_key not in merged:
-            raise StreamT1Error(f"{what}: incomplete LoRA weights for {module}")
-        settings = {**VIDEOALIGN_LORA_DEFAULTS, **peft}
-        scale = lora_scale(settings["lora_alpha"], int(pair["A"].shape[0]), bool(settings["use_rslora"]))
-        if int(settings["lora_r"]) != pair["A"].shape[0]:
-            raise StreamT1Error(f"{what}: LoRA of {module} has rank {pair['A'].shape[0]}, peft_lora_config says "
-                                f"lora_r={settings['lora_r']}")
-        base = merged[base_key]
-        merged[base_key] = merged_weight(base, pair["A"], pair["B"], scale).to(base.dtype)
+    settings = {**VIDEOALIGN_LORA_DEFAULTS, **peft}
+    dtypes = {key: t.dtype for key, t in merged.items()}
+    for module in merge_lora(merged, lora, alpha=settings["lora_alpha"], rslora=bool(settings["use_rslora"]),
+                             rank=int(settings["lora_r"]), what=f"{what}: LoRA"):
+        merged[module + ".weight"] = merged[module + ".weight"].to(dtypes[module + ".weight"])
     return merged
 
 

@@ -7,7 +7,6 @@ tests and the quality checks use independently of the engine's paged cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,23 +100,23 @@ def load_tiny_model(path: str | os.PathLike | None = None, device="cpu", dtype=t
     package)."""
     from safetensors.torch import load_file
 
+    from ..engine_format import read_engine_spec
+
     path = Path(path) if path is not None else ASSET_DIR
-    config_file = path / "streamt1.json"
-    require(config_file.is_file(), f"no streamt1.json in {path}")
-    config = json.loads(config_file.read_text())
-    require(config.get("format") == "streamt1-engine", f"{config_file} is not a streamt1-engine config")
-    dit = CausalWanDiT(WanConfig.from_dict(config["model"]))
-    weights = path / config.get("weights", "dit.safetensors")
+    spec = read_engine_spec(path)
+    require(spec.text_encoder["type"] == "tiny" and spec.vae["type"] == "space_to_depth",
+            f"{path} is not a tiny model: its text encoder is {spec.text_encoder['type']!r}, its VAE "
+            f"{spec.vae['type']!r}")
+    dit = CausalWanDiT(spec.model)
+    weights = path / spec.weights
     require(weights.is_file(), f"DiT weights not found: {weights}")
     missing, unexpected = dit.load_state_dict(load_file(str(weights)), strict=False)
     require(not missing and not unexpected,
             f"{weights} does not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     dit = dit.to(device=device, dtype=dtype).eval()
-    text_encoder = load_tiny_text_encoder(config["text_encoder"], path, device, dtype)
-    stream = StreamConfig.from_dict(config["stream"])
-    sampler = SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["sampler"].items()})
-    return TinyModel(dit, text_encoder, space_to_depth_vae(config["vae"].get("factor", VAE_FACTOR), device),
-                     stream, sampler, config)
+    text_encoder = load_tiny_text_encoder(spec.text_encoder, path, device, dtype)
+    return TinyModel(dit, text_encoder, space_to_depth_vae(spec.vae.get("factor", VAE_FACTOR), device),
+                     spec.stream, spec.sampler, spec.to_dict())
 
 
 @torch.no_grad()

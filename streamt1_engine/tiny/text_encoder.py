@@ -18,6 +18,9 @@ from .procedural import VOCABULARY, tokenize
 PAD, UNK = "<pad>", "<unk>"
 
 
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+
+
 class TinyTextEncoder(nn.Module):
     def __init__(self, vocabulary: tuple[str, ...] = VOCABULARY, text_dim: int = 64, text_len: int = 16,
                  num_layers: int = 2, num_heads: int = 4, ffn_dim: int = 128):
@@ -36,6 +39,11 @@ class TinyTextEncoder(nn.Module):
     def config(self) -> dict:
         return {"vocabulary": list(self.vocabulary), "text_dim": self.text_dim, "text_len": self.text_len,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "ffn_dim": self.ffn_dim}
+
+    def save_pretrained(self, directory) -> dict:
+        """Write ``text_encoder.safetensors`` into an engine folder; returns the spec that loads it."""
+        save_tiny_text_encoder(self, os.path.join(os.fspath(directory), TEXT_ENCODER_WEIGHTS))
+        return {"type": "tiny", "weights": TEXT_ENCODER_WEIGHTS, **self.config()}
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, text_len] and a bool mask of real tokens; prompts longer than text_len are cut."""

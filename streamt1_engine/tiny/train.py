@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -154,42 +153,28 @@ def pass_through_init(dit) -> None:
             layer.bias.zero_()
 
 
-def engine_config(model: TinyModel, description: str, training: dict) -> dict:
-    stream = model.stream
-    sampler = model.sampler
-    return {
-        "format": "streamt1-engine",
-        "version": 1,
-        "model": model.dit.config.to_dict(),
-        "stream": {"num_frame_per_block": stream.num_frame_per_block, "local_attn_size": stream.local_attn_size,
-                   "sink_size": stream.sink_size, "max_sink_size": stream.max_sink_size,
-                   "latent_height": stream.latent_height, "latent_width": stream.latent_width},
-        "sampler": {"denoising_steps": list(sampler.denoising_steps), "shift": sampler.shift},
-        "text_encoder": {"type": "tiny", "weights": "text_encoder.safetensors", **model.text_encoder.config()},
-        "vae": {"type": "space_to_depth", "factor": VAE_FACTOR},
-        "fps": FPS,
-        "name": "streamt1-tiny",
-        "rewards": {"short": "procedural_frame", "long": "procedural_video"},
-        "description": description,
-        "training": training,
-    }
+def engine_spec(model: TinyModel, description: str, training: dict):
+    from ..engine_format import EngineSpec
+
+    return EngineSpec(model=model.dit.config, stream=model.stream, sampler=model.sampler,
+                      text_encoder={"type": "tiny", "weights": "text_encoder.safetensors", **model.text_encoder.config()},
+                      vae={"type": "space_to_depth", "factor": VAE_FACTOR}, fps=FPS, name="streamt1-tiny",
+                      rewards={"short": "procedural_frame", "long": "procedural_video"}, description=description,
+                      training=training)
 
 
 def save_model_dir(model: TinyModel, out: Path, training: dict) -> None:
     """Write streamt1.json, dit.safetensors and text_encoder.safetensors (each replaced atomically)."""
-    from safetensors.torch import save_file
+    from ..engine_format import DIT_WEIGHTS, save_weights, write_engine_spec
 
     out.mkdir(parents=True, exist_ok=True)
     description = ("Tiny causal Wan DiT trained on procedural videos of coloured shapes (32x32, 8 fps); "
                    "prompts like 'a red circle moving left on a blue background'.")
     # float16 halves the shipped size; the loaders cast back to the run dtype
-    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.dit.state_dict().items()}
-    save_file(state, str(out / "dit.safetensors.tmp"))
-    os.replace(out / "dit.safetensors.tmp", out / "dit.safetensors")
+    save_weights(out / DIT_WEIGHTS, model.dit.state_dict(), torch.float16)
     save_tiny_text_encoder(model.text_encoder, out / "text_encoder.safetensors.tmp")
     os.replace(out / "text_encoder.safetensors.tmp", out / "text_encoder.safetensors")
-    (out / "streamt1.json.tmp").write_text(json.dumps(engine_config(model, description, training), indent=2, allow_nan=False) + "\n")
-    os.replace(out / "streamt1.json.tmp", out / "streamt1.json")
+    write_engine_spec(out, engine_spec(model, description, training))
 
 
 class EMA:
