@@ -156,7 +156,7 @@ class StreamConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "StreamConfig":
         """The attention layout each model family was trained and released with (480x832 latents)."""
-        require(name in STREAM_PRESETS, f"unknown stream preset {name!r}; choose one of {sorted(STREAM_PRESETS)}")
+        require(name in STREAM_PRESETS, f"unknown stream preset {name!r} (known: {', '.join(sorted(STREAM_PRESETS))})")
         return cls(**{**STREAM_PRESETS[name], **overrides})
 
     @classmethod

@@ -88,5 +88,5 @@ RUN_PRESETS: dict[str, RunPreset] = {
 
 def run_preset(name: str, **overrides) -> RunPreset:
     """The named preset, with fields replaced by ``overrides`` (e.g. ``model=`` a local path)."""
-    require(name in RUN_PRESETS, f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
+    require(name in RUN_PRESETS, f"unknown preset {name!r} (known: {', '.join(sorted(RUN_PRESETS))})")
     return dataclasses.replace(RUN_PRESETS[name], **overrides)

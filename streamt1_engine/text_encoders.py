@@ -256,5 +256,5 @@ def _build_hashed(spec, base_dir, device, dtype):
     return HashedTextEncoder(spec["text_dim"], spec["text_len"], seed=spec.get("seed", 0), device=device, dtype=dtype)
 
 
-register_text_encoder("umt5", _build_umt5)
-register_text_encoder("hashed", _build_hashed)
+register_text_encoder("umt5", _build_umt5, builtin=True)
+register_text_encoder("hashed", _build_hashed, builtin=True)

@@ -246,6 +246,7 @@ build_vae = VAES.build
 
 
 register_vae("wan", lambda spec, base_dir, device, dtype:
-             WanVAE.from_pretrained(component_path(spec, base_dir), device=device, dtype=spec.get("dtype", dtype)))
+             WanVAE.from_pretrained(component_path(spec, base_dir), device=device, dtype=spec.get("dtype", dtype)),
+             builtin=True)
 register_vae("space_to_depth", lambda spec, base_dir, device, dtype:
-             SpaceToDepthVAE(spec.get("factor", 8), device=device, dtype=dtype or torch.float32))
+             SpaceToDepthVAE(spec.get("factor", 8), device=device, dtype=dtype or torch.float32), builtin=True)

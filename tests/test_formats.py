@@ -299,3 +299,64 @@ def test_merge_matches_peft(rslora):
     theirs = wrapped.merge_and_unload()
     for name, tensor in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+def test_one_unknown_name_message_for_every_registry():
+    from streamt1_engine.rewards import build_reward
+    from streamt1_engine.text_encoders import build_text_encoder
+    from streamt1_engine.vae import build_vae
+
+    for build, kind in ((lambda: build_text_encoder({"type": "bert"}), "text encoder"),
+                        (lambda: build_vae({"type": "bert"}), "VAE"), (lambda: build_reward("bert"), "reward")):
+        with pytest.raises(StreamT1Error, match=rf"^unknown {kind} type 'bert' \(known: [a-z_0-9]+(, [a-z_0-9]+)*\)$"):
+            build()
+
+
+def test_third_party_components_load_from_an_engine_folder(tmp_path):
+    """Registered types are built from streamt1.json like the built-in ones, and saved back by save_pretrained."""
+    from streamt1_engine.text_encoders import TEXT_ENCODERS, register_text_encoder
+    from streamt1_engine.vae import VAES, register_vae
+
+    class ScaledHashed(HashedTextEncoder):
+        def save_pretrained(self, directory):
+            return {"type": "scaled_hashed", "text_dim": self.text_dim, "text_len": self.text_len}
+
+        def encode(self, prompts):
+            return 2 * super().encode(prompts)
+
+    register_text_encoder("scaled_hashed", lambda spec, base_dir, device, dtype:
+                          ScaledHashed(spec["text_dim"], spec["text_len"], device=device, dtype=dtype))
+    register_vae("my_vae", lambda spec, base_dir, device, dtype: SpaceToDepthVAE(spec["factor"], device=device))
+    try:
+        engine = StreamT1Engine.from_pretrained("random-tiny")
+        engine.text_encoder = ScaledHashed(32, 16)
+        engine.save_pretrained(tmp_path / "m")
+        spec = json.loads((tmp_path / "m" / ENGINE_CONFIG_FILE).read_text())
+        spec["vae"] = {"type": "my_vae", "factor": 4}
+        (tmp_path / "m" / ENGINE_CONFIG_FILE).write_text(json.dumps(spec))
+        again = StreamT1Engine.from_pretrained(str(tmp_path / "m"))
+        assert type(again.text_encoder) is ScaledHashed and isinstance(again.vae, SpaceToDepthVAE)
+        same_output(engine, again, search=SearchConfig(strategy="none"))
+    finally:
+        TEXT_ENCODERS.pop("scaled_hashed")
+        VAES.pop("my_vae")
+    assert "scaled_hashed" not in TEXT_ENCODERS
+
+
+def test_built_in_names_cannot_be_replaced_or_removed():
+    from streamt1_engine.registry import Registry
+    from streamt1_engine.rewards import register_reward
+    from streamt1_engine.vae import VAES, register_vae
+
+    with pytest.raises(StreamT1Error, match="cannot register a VAE type under the name 'wan'"):
+        register_vae("wan", lambda *a: None)
+    with pytest.raises(StreamT1Error, match="cannot unregister the built-in VAE type 'wan'"):
+        VAES.pop("wan")
+    with pytest.raises(StreamT1Error, match="cannot register a reward type"):
+        register_reward("Motion_Smoothness", lambda frames, prompt: frames.mean())
+    lazy = Registry("thing")
+    loads = []
+    lazy.register_lazy("late", lambda: loads.append(1) or (lambda: "built"))
+    assert loads == [] and lazy.get("late")() == "built" and lazy.get("late")() == "built" and loads == [1]

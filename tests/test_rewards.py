@@ -232,7 +232,7 @@ def test_register_reward_adds_names_but_keeps_built_ins():
 
 
 def test_build_reward_errors_name_the_problem():
-    with pytest.raises(StreamT1Error, match="unknown reward 'aesthetics'.*temporal_consistency"):
+    with pytest.raises(StreamT1Error, match=r"unknown reward type 'aesthetics' \(known: .*temporal_consistency"):
         build_reward("aesthetics")
     with pytest.raises(StreamT1Error, match="takes no path"):
         build_reward("motion_smoothness:/some/dir")

@@ -5,6 +5,7 @@ import inspect
 from collections.abc import Callable
 
 from ..errors import StreamT1Error
+from ..registry import Registry
 from .base import KINDS, CallableReward, WeightedSum
 from .builtin import ClipTextAlignment, MotionSmoothness, SharpnessExposure, TemporalConsistency
 
@@ -31,35 +32,26 @@ def _videoalign():
     return VideoAlignReward
 
 
-# name -> (function returning the factory (lazy imports), whether ``name:path`` is accepted)
-BUILDERS: dict[str, tuple[Callable, bool]] = {
-    "temporal_consistency": (lambda: TemporalConsistency, False),
-    "motion_smoothness": (lambda: MotionSmoothness, False),
-    "sharpness_exposure": (lambda: SharpnessExposure, False),
-    "default_short": (lambda: default_short_reward, False),
-    "default_long": (lambda: default_long_reward, False),
-    "clip": (lambda: ClipTextAlignment, True),
-    "hpsv3": (_hpsv3, True),
-    "videoalign": (_videoalign, True),
-}
-
-
-_BUILT_IN = frozenset(BUILDERS)
+# the reward factories by name; ``takes_path``: whether ``"name:path"`` is accepted (the path is the first argument)
+REWARDS = Registry("reward", normalize=lambda name: name.strip().lower())
+BUILDERS = REWARDS  # the name this table had before the one registry mechanism
+for _name, _factory in (("temporal_consistency", TemporalConsistency), ("motion_smoothness", MotionSmoothness),
+                        ("sharpness_exposure", SharpnessExposure), ("default_short", default_short_reward),
+                        ("default_long", default_long_reward)):
+    REWARDS.register(_name, _factory, builtin=True, takes_path=False)
+REWARDS.register("clip", ClipTextAlignment, builtin=True, takes_path=True)
+REWARDS.register_lazy("hpsv3", _hpsv3, builtin=True, takes_path=True)
+REWARDS.register_lazy("videoalign", _videoalign, builtin=True, takes_path=True)
 
 
 def register_reward(name: str, factory: Callable, takes_path: bool = False) -> None:
     """Make ``factory`` buildable as ``"name"`` (and ``"name:path"`` when ``takes_path``; the path is passed as
     the first argument). Built-in names cannot be replaced."""
-    key = name.strip().lower()
-    if not key or ":" in key or key in _BUILT_IN:
-        raise StreamT1Error(f"cannot register a reward under the name {name!r}")
-    if not callable(factory):
-        raise StreamT1Error(f"reward factory for {name!r} must be callable")
-    BUILDERS[key] = (lambda: factory, takes_path)
+    REWARDS.register(name, factory, takes_path=takes_path)
 
 
 def known_rewards() -> list[str]:
-    return sorted(BUILDERS)
+    return REWARDS.names()
 
 
 def _is_reward(obj) -> bool:
@@ -103,12 +95,9 @@ def _weighted(item) -> tuple:
 
 
 def _build(name: str, path, options: dict):
-    if name not in BUILDERS:
-        raise StreamT1Error(f"unknown reward {name!r}; known: {', '.join(known_rewards())}")
-    get_factory, takes_path = BUILDERS[name]
-    if path and not takes_path:
+    factory = REWARDS.get(name)
+    if path and not REWARDS.info(name)["takes_path"]:
         raise StreamT1Error(f"reward {name!r} takes no path, got {path!r}")
-    factory = get_factory()
     args = (path,) if path else ()
     try:
         inspect.signature(factory).bind(*args, **options)
