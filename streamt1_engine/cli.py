@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import STREAM_PRESETS
+from .engine import ATTENTION_BACKENDS
 from .errors import StreamT1Error
 from .presets import RUN_PRESETS
-from .search.config import NOISE_MODES, REWARD_FRAMES, SHORT_HISTORIES, STRATEGIES, SearchConfig
+from .flags import add_config_flags, config_from_args, field_flags
+from .search.config import SearchConfig
 
 log = logging.getLogger("streamt1")
 MAX_DEFAULT_THREADS = 8
@@ -43,29 +45,9 @@ def default_threads() -> int:
 
 
 def _search_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SearchConfig field, generated from the dataclass (help and choices in its field metadata)."""
     g = parser.add_argument_group("search (defaults: the Stream-T1 paper's)")
-    d = SearchConfig()
-    g.add_argument("--search", choices=STRATEGIES, default="none", help="search strategy (default: none)")
-    g.add_argument("--beam-size", type=int, default=d.beam_size, help="children per beam, B")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="surviving beams, K")
-    g.add_argument("--num-candidates", type=int, default=d.num_candidates, help="candidates per chunk for best_of_n")
-    g.add_argument("--window-chunks", type=int, default=d.window_chunks, help="long-term reward window, W chunks")
-    g.add_argument("--noise-sigma", type=float, default=d.noise_sigma, help="noise propagation weight")
-    g.add_argument("--short-threshold", type=float, default=d.short_threshold)
-    g.add_argument("--long-threshold", type=float, default=d.long_threshold)
-    g.add_argument("--fusion-cap", type=float, default=d.fusion_cap, help="cap of the short-term weight")
-    g.add_argument("--ema-alpha", type=float, default=d.ema_alpha, help="sink EMA alpha")
-    g.add_argument("--no-noise-propagation", action="store_true", help="ablation: fresh noise per chunk")
-    g.add_argument("--no-reward-pruning", action="store_true", help="ablation: random survivors")
-    g.add_argument("--no-memory-sinking", action="store_true", help="ablation: fixed sink, evictions discarded")
-    g.add_argument("--short-history", choices=SHORT_HISTORIES, default=d.short_history,
-                   help="routing's short-score baseline: lineage (upstream: every earlier chunk) or window (last W)")
-    g.add_argument("--noise-mode", choices=NOISE_MODES, default=d.noise_mode,
-                   help="official: the reference code's per-candidate device generators and seed numbering (the "
-                        "paper's noise); portable: hashed CPU noise, the same on every device")
-    g.add_argument("--reward-frames", choices=REWARD_FRAMES, default=d.reward_frames,
-                   help="cold: rewards see the chunk and the window decoded from a cold VAE state, truncated to "
-                        "uint8 (the paper's); streamed: reuse the streamed frames (faster)")
+    add_config_flags(g, SearchConfig)
     g.add_argument("--short-reward", default=None, help="short-term reward name (see docs)")
     g.add_argument("--long-reward", default=None, help="long-term reward name")
     g.add_argument("--final-reward", default=None, help="reward that picks the final beam (default: long)")
@@ -102,7 +84,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     gen.add_argument("--attention-backend", default="auto",
-                     choices=["auto", "torch", "triton", "sdpa", "flash_attn", "xformers"])
+                     choices=ATTENTION_BACKENDS)
     gen.add_argument("--height", type=int, default=None, help="frame height in pixels (model default)")
     gen.add_argument("--width", type=int, default=None, help="frame width in pixels (model default)")
     gen.add_argument("--fps", type=positive_int, default=None, help="video frame rate (model default)")
@@ -122,14 +104,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
 
 
 def search_config(args) -> SearchConfig:
-    return SearchConfig(strategy=args.search, beam_size=args.beam_size, top_k=args.top_k,
-                        num_candidates=args.num_candidates, window_chunks=args.window_chunks,
-                        noise_sigma=args.noise_sigma, short_threshold=args.short_threshold,
-                        long_threshold=args.long_threshold, fusion_cap=args.fusion_cap, ema_alpha=args.ema_alpha,
-                        noise_propagation=not args.no_noise_propagation,
-                        reward_pruning=not args.no_reward_pruning, memory_sinking=not args.no_memory_sinking,
-                        short_history=args.short_history, noise_mode=args.noise_mode,
-                        reward_frames=args.reward_frames)
+    return config_from_args(SearchConfig, args)
 
 
 def upstream_defaults(path: str) -> dict:
@@ -360,15 +335,10 @@ def generate(args) -> int:
 def _warn_ignored(args, search: SearchConfig) -> None:
     """Options the chosen strategy does not use are named once, so nobody believes they took effect."""
     defaults = SearchConfig()
-    given = [name for name in search.ignored_options
-             if hasattr(args, name) and getattr(args, name) != getattr(defaults, name)]
-    for flag, name in (("--no-noise-propagation", "noise_propagation"), ("--no-reward-pruning", "reward_pruning"),
-                       ("--no-memory-sinking", "memory_sinking")):
-        if name in search.ignored_options and getattr(args, "no_" + name, False):
-            given.append(flag.lstrip("-").replace("-", "_"))
+    options = {item.field: item.option for item in field_flags(SearchConfig)}
+    given = [options[name] for name in search.ignored_options if getattr(search, name) != getattr(defaults, name)]
     if given:
-        flags = ", ".join("--" + g.replace("_", "-") for g in given)
-        print(f"warning: --search {search.strategy} ignores {flags}", file=sys.stderr)
+        print(f"warning: --search {search.strategy} ignores {', '.join(given)}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

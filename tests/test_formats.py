@@ -360,3 +360,56 @@ def test_built_in_names_cannot_be_replaced_or_removed():
     loads = []
     lazy.register_lazy("late", lambda: loads.append(1) or (lambda: "built"))
     assert loads == [] and lazy.get("late")() == "built" and lazy.get("late")() == "built" and loads == [1]
+
+
+# --------------------------------------------------------------------------------------------- CLI flags
+
+def parse(*flags):
+    from streamt1_engine.cli import build_parser
+
+    return build_parser().parse_args(["generate", "a prompt", *flags])
+
+
+def test_every_search_field_has_a_flag_with_its_help_choices_and_default():
+    import dataclasses
+
+    from streamt1_engine.cli import build_parser
+    from streamt1_engine.flags import field_flags
+    from streamt1_engine.search.config import NOISE_MODES, REWARD_FRAMES, SHORT_HISTORIES, STRATEGIES
+
+    flags = {item.field: item for item in field_flags(SearchConfig)}
+    assert set(flags) == {f.name for f in dataclasses.fields(SearchConfig)}
+    actions = {a.option_strings[0]: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+               if a.option_strings}
+    for f in dataclasses.fields(SearchConfig):
+        action = actions[flags[f.name].option]
+        assert action.help.startswith(f.metadata["flag"].help)
+    assert [actions[o].choices for o in ("--search", "--short-history", "--noise-mode", "--reward-frames")] == \
+        [STRATEGIES, SHORT_HISTORIES, NOISE_MODES, REWARD_FRAMES]
+    assert actions["--beam-size"].default == SearchConfig().beam_size and actions["--search"].default == "none"
+
+
+def test_the_flags_parse_back_to_the_dataclass():
+    from streamt1_engine.cli import search_config
+    from streamt1_engine.flags import args_for_config
+
+    assert search_config(parse()) == SearchConfig(strategy="none")  # the CLI's one default of its own
+    configs = [SearchConfig(), SearchConfig(strategy="best_of_n", num_candidates=7, reward_pruning=False),
+               SearchConfig(beam_size=3, top_k=4, window_chunks=5, noise_sigma=0.25, short_threshold=-0.5,
+                            long_threshold=0.75, fusion_cap=0.1, ema_alpha=0.5, noise_propagation=False,
+                            memory_sinking=False, short_history="window", noise_mode="portable",
+                            reward_frames="streamed")]
+    for config in configs:
+        assert search_config(parse(*args_for_config(SearchConfig, config))) == config
+
+
+def test_existing_flag_spellings_still_parse():
+    from streamt1_engine.cli import search_config
+
+    got = search_config(parse("--search", "stream_t1", "--beam-size", "3", "--top-k", "1", "--no-noise-propagation",
+                              "--no-reward-pruning", "--no-memory-sinking", "--short-threshold", "0.1",
+                              "--noise-mode", "portable"))
+    assert got == SearchConfig(beam_size=3, top_k=1, noise_propagation=False, reward_pruning=False,
+                               memory_sinking=False, short_threshold=0.1, noise_mode="portable")
+    with pytest.raises(SystemExit):
+        parse("--noise-mode", "random")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import require
+from ..flags import flag
 from ..validation import at_least, between, one_of, validate_fields
 from .noise import upstream_seed_collision
 
@@ -37,24 +38,32 @@ class SearchConfig:
     chunks, decoded from a cold VAE state and truncated to uint8, as are the output frames), "streamed"
     reuses the streamed frames (rounded to uint8) for both."""
 
-    strategy: str = "stream_t1"
-    beam_size: int = 2
-    top_k: int = 2
-    num_candidates: int = 4  # best_of_n only
-    window_chunks: int = 10
-    noise_sigma: float = -0.1
-    short_threshold: float = 0.0
-    long_threshold: float = 0.2
-    fusion_cap: float = 0.4
-    ema_alpha: float = 0.999
-    noise_propagation: bool = True
-    reward_pruning: bool = True  # off: survivors are chosen at random (seeded), the ablation baseline
-    memory_sinking: bool = True
+    strategy: str = field(default="stream_t1", metadata=flag("search strategy", name="search", choices=STRATEGIES,
+                                                             default="none"))
+    beam_size: int = field(default=2, metadata=flag("children per beam, B"))
+    top_k: int = field(default=2, metadata=flag("surviving beams, K"))
+    num_candidates: int = field(default=4, metadata=flag("candidates per chunk for best_of_n"))
+    window_chunks: int = field(default=10, metadata=flag("long-term reward window, W chunks"))
+    noise_sigma: float = field(default=-0.1, metadata=flag("noise propagation weight"))
+    short_threshold: float = field(default=0.0, metadata=flag("routing threshold on the short-term score"))
+    long_threshold: float = field(default=0.2, metadata=flag("routing threshold on the long-term score"))
+    fusion_cap: float = field(default=0.4, metadata=flag("cap of the short-term weight"))
+    ema_alpha: float = field(default=0.999, metadata=flag("sink EMA alpha"))
+    noise_propagation: bool = field(default=True, metadata=flag("ablation: fresh noise per chunk"))
+    # off: survivors are chosen at random (seeded), the ablation baseline
+    reward_pruning: bool = field(default=True, metadata=flag("ablation: random survivors"))
+    memory_sinking: bool = field(default=True, metadata=flag("ablation: fixed sink, evictions discarded"))
     # routing's short-score baseline: "lineage" = upstream's mean over the whole lineage (its slice
     # [max(0, 1 - W):] always starts at 0, which looks unintended); "window" = the last window_chunks chunks
-    short_history: str = "lineage"
-    noise_mode: str = "official"
-    reward_frames: str = "cold"
+    short_history: str = field(default="lineage", metadata=flag(
+        "routing's short-score baseline: lineage (upstream: every earlier chunk) or window (last W)",
+        choices=SHORT_HISTORIES))
+    noise_mode: str = field(default="official", metadata=flag(
+        "official: the reference code's per-candidate device generators and seed numbering (the paper's noise); "
+        "portable: hashed CPU noise, the same on every device", choices=NOISE_MODES))
+    reward_frames: str = field(default="cold", metadata=flag(
+        "cold: rewards see the chunk and the window decoded from a cold VAE state, truncated to uint8 (the "
+        "paper's); streamed: reuse the streamed frames (faster)", choices=REWARD_FRAMES))
 
     def __post_init__(self):
         validate_fields(self, _RULES)
