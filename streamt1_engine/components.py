@@ -1,7 +1,9 @@
 """The two pluggable pieces around the DiT: a text encoder and a streaming video VAE.
 
 The engine only relies on these protocols, so the Wan umT5 / Wan VAE wrappers and the tiny embedded
-components are interchangeable.
+components are interchangeable. A component that can be saved in an engine folder also has
+``save_pretrained(directory) -> spec``: it writes its files into ``directory`` and returns the registry spec
+(``{"type": ..., ...}``) that rebuilds it (``StreamT1Engine.save_pretrained`` calls it).
 """
 from __future__ import annotations
 

@@ -477,11 +477,10 @@ def load_dit(source, *, config: WanConfig | None = None, fmt: str = "auto", lora
 
 def save_dit(model: CausalWanDiT, directory: str | Path) -> Path:
     """Write our own format: ``dit.safetensors`` (original Wan names) + ``dit_config.json``."""
-    from safetensors.torch import save_file
+    from ..engine_format import save_weights
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    save_file(tensors, str(directory / STREAMT1_WEIGHTS), metadata={"format": "streamt1"})
+    save_weights(directory / STREAMT1_WEIGHTS, model.state_dict(), metadata={"format": "streamt1"})
     (directory / STREAMT1_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2, allow_nan=False) + "\n")
     return directory
