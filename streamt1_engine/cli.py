@@ -16,7 +16,7 @@ from .config import STREAM_PRESETS
 from .engine import ATTENTION_BACKENDS
 from .errors import StreamT1Error
 from .presets import RUN_PRESETS
-from .flags import add_config_flags, config_from_args, field_flags
+from .flags import add_config_flags, config_from_args, field_flags, flag_defaults
 from .search.config import SearchConfig
 
 log = logging.getLogger("streamt1")
@@ -112,10 +112,7 @@ def upstream_defaults(path: str) -> dict:
     from .upstream_config import load_upstream_config
 
     cfg = load_upstream_config(path)
-    s = cfg.search
-    defaults = dict(upstream=cfg, chunks=cfg.num_chunks, seed=cfg.seed, search=s.strategy, beam_size=s.beam_size,
-                    top_k=s.top_k, window_chunks=s.window_chunks, noise_sigma=s.noise_sigma,
-                    short_threshold=s.short_threshold, long_threshold=s.long_threshold, fusion_cap=s.fusion_cap)
+    defaults = dict(upstream=cfg, chunks=cfg.num_chunks, seed=cfg.seed, **flag_defaults(SearchConfig, cfg.search))
     if cfg.checkpoint is not None:
         defaults["model"] = cfg.checkpoint
     if cfg.lora is not None:

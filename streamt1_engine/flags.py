@@ -93,6 +93,12 @@ def config_from_args(cls, args, **extra):
     return cls(**values, **extra)
 
 
+def flag_defaults(cls, config) -> dict:
+    """``{destination: value}`` that make the flags of ``cls`` default to ``config`` (``parser.set_defaults``)."""
+    return {item.dest: (not getattr(config, item.field)) if item.negated else getattr(config, item.field)
+            for item in field_flags(cls)}
+
+
 def args_for_config(cls, config) -> list[str]:
     """The command line that parses back to ``config`` (every flagged field spelled out)."""
     argv = []

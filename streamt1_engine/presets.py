@@ -50,13 +50,11 @@ class RunPreset:
 
     def cli_defaults(self) -> dict:
         """The ``streamt1 generate`` defaults this preset implies (flag destinations -> values)."""
-        s = self.search
+        from .flags import flag_defaults
+
         return dict(model=self.model, lora=self.lora, lora_alpha=self.lora_alpha, text_encoder=self.text_encoder,
                     vae=self.vae, stream_preset=self.stream_preset, dtype=self.dtype, chunks=self.num_chunks,
-                    seed=self.seed, search=s.strategy, beam_size=s.beam_size, top_k=s.top_k,
-                    window_chunks=s.window_chunks, noise_sigma=s.noise_sigma, short_threshold=s.short_threshold,
-                    long_threshold=s.long_threshold, fusion_cap=s.fusion_cap, ema_alpha=s.ema_alpha,
-                    noise_mode=s.noise_mode, reward_frames=s.reward_frames, short_history=s.short_history,
+                    seed=self.seed, **flag_defaults(SearchConfig, self.search),
                     short_reward=self.short_reward, long_reward=self.long_reward, final_reward=self.final_reward)
 
 

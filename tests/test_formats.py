@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_trainer_output_round_trips_through_save_pretrained(tmp_path):
     assert load_tiny_model(tmp_path / "resaved").dit.config == load_tiny_model(tmp_path / "trained").dit.config
 
 
-def copy_builtin(tmp_path, edit) -> "Path":  # noqa: F821
+def copy_builtin(tmp_path, edit) -> Path:
     folder = tmp_path / "model"
     shutil.copytree(BUILTIN_DIR, folder)
     spec = json.loads((folder / ENGINE_CONFIG_FILE).read_text())
@@ -413,3 +414,17 @@ def test_existing_flag_spellings_still_parse():
                                memory_sinking=False, short_threshold=0.1, noise_mode="portable")
     with pytest.raises(SystemExit):
         parse("--noise-mode", "random")
+
+
+def test_preset_and_flag_defaults_come_from_the_same_fields():
+    from streamt1_engine.cli import parse_args, search_config
+    from streamt1_engine.flags import flag_defaults
+    from streamt1_engine.presets import run_preset
+
+    preset = run_preset("stream-t1-paper")
+    assert search_config(parse_args(["generate", "p", "--preset", "stream-t1-paper"])) == preset.search
+    ablated = SearchConfig(memory_sinking=False, noise_mode="portable")
+    assert flag_defaults(SearchConfig, ablated)["no_memory_sinking"] is True
+    from streamt1_engine.cli import build_parser
+
+    assert search_config(build_parser(flag_defaults(SearchConfig, ablated)).parse_args(["generate", "p"])) == ablated
