@@ -39,12 +39,6 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
     return weight.to(device, torch.float32) + scale * (b.to(device, torch.float32) @ a.to(device, torch.float32))
 
 
-def is_lora_key(name: str) -> bool:
-    """True for the entries of a LoRA state dict: factors (``lora_A`` / ``lora_B`` / ``lora_down`` /
-    ``lora_up``) and per-module ``.alpha`` scalars."""
-    return bool(_FACTOR_KEY.match(name) or _ALPHA_KEY.match(name))
-
-
 @dataclass
 class LoraFactors:
     """A parsed LoRA: ``pairs[module] = (A [rank, in], B [out, rank])`` and per-module alphas (kohya's
@@ -93,11 +87,12 @@ def parse_lora(state: Mapping[str, torch.Tensor], what: str = "LoRA",
 
 def peft_base_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense weights of a peft-wrapped model's full state dict: ``base_model.model.`` and ``.base_layer.``
-    dropped, a ``modules_to_save`` copy in place of its original, LoRA entries left out."""
+    dropped, a ``modules_to_save`` copy in place of its original, LoRA factors left out (peft keeps the alpha in
+    its config, so a parameter named ``alpha`` is a model weight here)."""
     out = {}
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")
-        if is_lora_key(key) or ".original_module." in key:
+        if _FACTOR_KEY.match(key) or ".original_module." in key:
             continue
         out[re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.replace(".base_layer.", "."))] = value
     return out
@@ -106,7 +101,7 @@ def peft_base_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 def peft_lora_entries(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA factors of a peft-wrapped model's full state dict, ``base_model.model.`` dropped."""
     return {key.removeprefix("base_model.model."): value for key, value in state.items()
-            if is_lora_key(key.removeprefix("base_model.model."))}
+            if _FACTOR_KEY.match(key.removeprefix("base_model.model."))}
 
 
 def merge_lora(target: nn.Module | MutableMapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor] | LoraFactors,

@@ -417,7 +417,7 @@ def test_existing_flag_spellings_still_parse():
 
 
 def test_preset_and_flag_defaults_come_from_the_same_fields():
-    from streamt1_engine.cli import parse_args, search_config
+    from streamt1_engine.cli import build_parser, parse_args, search_config
     from streamt1_engine.flags import flag_defaults
     from streamt1_engine.presets import run_preset
 
@@ -425,6 +425,4 @@ def test_preset_and_flag_defaults_come_from_the_same_fields():
     assert search_config(parse_args(["generate", "p", "--preset", "stream-t1-paper"])) == preset.search
     ablated = SearchConfig(memory_sinking=False, noise_mode="portable")
     assert flag_defaults(SearchConfig, ablated)["no_memory_sinking"] is True
-    from streamt1_engine.cli import build_parser
-
     assert search_config(build_parser(flag_defaults(SearchConfig, ablated)).parse_args(["generate", "p"])) == ablated
