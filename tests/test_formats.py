@@ -1,5 +1,6 @@
 """The engine format (one reader, one writer, save_pretrained), the one LoRA merge path, the component registry
 and the CLI flags generated from the config dataclasses."""
+import copy
 import json
 import math
 import shutil
@@ -291,9 +292,9 @@ def test_merge_matches_peft(rslora):
     base = RewardShaped()
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], use_rslora=rslora,
                              init_lora_weights=False)
-    wrapped = peft.get_peft_model(RewardShaped(), config)
-    wrapped.base_model.model.load_state_dict(base.state_dict(), strict=False)
+    wrapped = peft.get_peft_model(copy.deepcopy(base), config)  # random A and B (init_lora_weights=False)
     lora = {k: v for k, v in wrapped.state_dict().items() if "lora_" in k}
+    assert len(lora) == 2 * 2 * 2  # q_proj and down_proj of both layers
     ours = RewardShaped()
     ours.load_state_dict(base.state_dict())
     merge_lora(ours, peft_lora_entries(lora), alpha=12, rslora=rslora, rank=4)
