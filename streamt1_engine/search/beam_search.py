@@ -20,10 +20,11 @@ from typing import Any, Callable
 import torch
 
 from ..cache import BeamPages, PagedKVCache, RouteFlag
-from ..errors import StreamT1Error
+from ..config import StreamConfig
+from ..errors import StreamT1Error, require
 from ..rewards.base import score
 from ..model.wan import ChunkAttention, TextContext
-from ..sampler import ChunkNoise, EagerDenoiser, Schedule  # EagerDenoiser: also imported from here
+from ..sampler import ChunkNoise, EagerDenoiser, Schedule, context_pass  # EagerDenoiser: also imported from here
 from ..vae import decode_cold_windows
 from .config import SearchConfig
 from .noise import StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise
@@ -84,6 +85,35 @@ class ChunkRecord:
         return dict(self.__dict__)
 
 
+@dataclass
+class PromptSwitch:
+    """A prompt switch that took effect at chunk ``chunk`` (every chunk from it on uses ``prompt``)."""
+
+    chunk: int
+    prompt: str
+    recached_chunks: list[int]  # chunks whose K/V were recomputed with the new prompt (none before chunk 0)
+    pages_written: int  # one per chunk and distinct beam history (see ``BeamSearch.switch_prompt``)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def recache_span(stream: StreamConfig) -> int:
+    """Chunks LongLive recomputes at a prompt switch: its whole attention span, ``local_attn_size`` frames
+    (sink and the current chunk's slot included), or every chunk so far under global attention."""
+    if stream.is_global:
+        return stream.window_pages + 1
+    return stream.local_attn_size // stream.chunk_frames
+
+
+def _last_nodes(node: "ChunkNode", count: int) -> list["ChunkNode"]:
+    nodes = []
+    while node is not None and len(nodes) < count:
+        nodes.append(node)
+        node = node.parent
+    return nodes[::-1]
+
+
 def to_uint8(frames: torch.Tensor, truncate: bool = False) -> torch.Tensor:
     """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]; ``truncate`` as the reference's PNG / MP4
     writers do (``(255 * x).astype(uint8)``), otherwise rounded."""
@@ -123,6 +153,9 @@ class BeamSearch:
         self.noise_dtype = cache.pool.k.dtype  # upstream draws in the dtype its model and KV cache run in
         self.policy = SearchPolicy(search, seed, num_chunks, latent_shape[1])
         self._stream_noise: StreamNoise | None = None  # plain streaming in official mode: one generator
+        self.initial_prompt = prompt
+        self.prompt_switches: list[PromptSwitch] = []
+        self.recache_chunks = recache_span(cache.stream)  # latents kept (on the host) for a prompt switch
         if search.uses_rewards and (short_reward is None or long_reward is None):
             raise StreamT1Error(f"search {search.strategy!r} needs a short-term and a long-term reward")
 
@@ -271,22 +304,90 @@ class BeamSearch:
         keep = max(self.search.window_chunks, 1)
         for beam in self.beams:
             node, depth = beam.node.parent, 1
-            while node is not None:  # back to the first node already offloaded by an earlier step
+            while node is not None:  # back to the first node already offloaded and out of the recache span
                 node.initial_noise = None
                 if depth >= keep:
-                    if node.offloaded:
+                    if node.offloaded and depth > self.recache_chunks:
                         break
-                    node.frames = node.frames.cpu()
-                    node.latents = None if node.emitted else node.latents.cpu()
-                    node.offloaded = True
+                    if not node.offloaded:
+                        node.frames = node.frames.cpu()
+                        node.latents = node.latents.cpu() if node.latents is not None else None
+                        node.offloaded = True
+                    if node.emitted and depth >= self.recache_chunks:  # a prompt switch no longer reads them
+                        node.latents = None
                 node, depth = node.parent, depth + 1
 
     def mark_emitted(self, node: ChunkNode) -> None:
         """The caller has this final chunk: once out of the window its latents are not needed here (its frames
         are, for the final pick over whole videos)."""
         node.emitted = True
-        if node.offloaded:
+        if node.offloaded and node.index < self.chunk_index - self.recache_chunks:
             node.latents = None
+
+    # -- prompt switching -------------------------------------------------------------------------
+    def switch_prompt(self, prompt: str, text: TextContext) -> PromptSwitch:
+        """Make the next chunk and all after it with ``prompt`` (``text``: its cross-attention K/V), as
+        LongLive's interactive mode switches with its default ``global_sink=False``: the cache is rebuilt from
+        the clean latents of the last ``recache_span`` chunks, run in one context pass with the new prompt at
+        their own frame positions and the context timestep, every frame attending to all of them (the pass
+        has no causal mask); their K/V replace the beam's pages. The first ``sink_size`` frames of the span
+        become the sink and the last ``window_pages`` chunks the window; the chunk in between (the current
+        chunk's slot in LongLive's cache) is recomputed but evicted, as LongLive's next forward evicts it. An
+        EMA-merged or APPEND-grown sink is thus replaced by a plain recomputed chunk, as LongLive replaces its
+        sink. Beams with the same last ``recache_span`` chunks share the new pages; a page that beams with
+        different later chunks shared is recomputed once per beam, since every recomputed frame attends to the
+        later ones. The rewards and the final pick score against the new prompt from now on."""
+        require(isinstance(prompt, str) and prompt.strip() != "", "a prompt switch needs a non-empty prompt")
+        c = self.chunk_index
+        require(c < self.num_chunks, f"all {self.num_chunks} chunks are made: there is no chunk left to switch")
+        chunks, written = self._recache(text) if c > 0 else ([], 0)
+        self.prompt, self.text = prompt, text
+        self.denoiser.set_text(text)
+        switch = PromptSwitch(c, prompt, chunks, written)
+        self.prompt_switches.append(switch)
+        return switch
+
+    def prompt_of(self, chunk: int) -> str:
+        """The prompt chunk ``chunk`` was (or will be) made with."""
+        prompt = self.initial_prompt
+        for switch in self.prompt_switches:
+            if switch.chunk <= chunk:
+                prompt = switch.prompt
+        return prompt
+
+    def _recache(self, text: TextContext) -> tuple[list[int], int]:
+        stream, cf = self.cache.stream, self.latent_shape[1]
+        span = min(self.chunk_index, self.recache_chunks)
+        first = self.chunk_index - span
+        groups: dict[tuple[int, ...], tuple[list[ChunkNode], list[int]]] = {}  # beam history -> beams
+        for i, beam in enumerate(self.beams):
+            nodes = _last_nodes(beam.node, span)
+            groups.setdefault(tuple(id(n) for n in nodes), (nodes, []))[1].append(i)
+        missing = sorted({n.index for nodes, _ in groups.values() for n in nodes if n.latents is None})
+        require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
+        x0 = torch.stack([torch.cat([n.latents.to(self.device) for n in nodes], dim=1)
+                          for nodes, _ in groups.values()])
+        for beam in self.beams:  # LongLive zeroes its cache first: the old pages are never read again
+            self.cache.drop(beam.pages)
+        pages = torch.stack([self.cache.new_chunk_pages(len(groups), (first + j) * cf) for j in range(span)], dim=1)
+        table, counts = self.cache.page_table([BeamPages() for _ in groups])
+        start = torch.full((len(groups),), first * cf, dtype=torch.long, device=self.device)
+        attn = ChunkAttention(self.cache.pool, table, counts, start, pages, backend=self.backend, max_pages=0)
+        with self._range("recache"), torch.inference_mode():
+            context_pass(self.model, x0, text, attn, self.context_timestep)
+        num_sink = min(stream.sink_pages, span)
+        for (nodes, members), row in zip(groups.values(), pages.tolist()):
+            for node, page in zip(nodes, row):
+                self.cache.flag[page] = node.flag  # a window page's flag routes it when it is evicted
+            rest = row[num_sink:]
+            kept = len(rest) if stream.is_global else min(len(rest), stream.window_pages)
+            beam_pages = BeamPages(row[:num_sink], rest[len(rest) - kept:])
+            self.beams[members[0]].pages = beam_pages
+            for m in members[1:]:
+                self.beams[m].pages = self.cache.fork(beam_pages)
+            for page in rest[:len(rest) - kept]:
+                self.cache.release(page)
+        return list(range(first, self.chunk_index)), len(groups) * span
 
     # -- results ----------------------------------------------------------------------------------
     def final_chunks(self) -> list[ChunkNode]:
