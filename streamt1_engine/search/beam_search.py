@@ -92,7 +92,7 @@ class PromptSwitch:
     chunk: int
     prompt: str
     recached_chunks: list[int]  # chunks whose K/V were recomputed with the new prompt (none before chunk 0)
-    pages_written: int  # one per chunk and distinct beam history (see ``BeamSearch.switch_prompt``)
+    pages_written: int  # one per recached chunk and beam
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -334,9 +334,9 @@ class BeamSearch:
         become the sink and the last ``window_pages`` chunks the window; the chunk in between (the current
         chunk's slot in LongLive's cache) is recomputed but evicted, as LongLive's next forward evicts it. An
         EMA-merged or APPEND-grown sink is thus replaced by a plain recomputed chunk, as LongLive replaces its
-        sink. Beams with the same last ``recache_span`` chunks share the new pages; a page that beams with
-        different later chunks shared is recomputed once per beam, since every recomputed frame attends to the
-        later ones. The rewards and the final pick score against the new prompt from now on."""
+        sink. Every beam gets its own new pages, also for chunks its old pages shared with other beams: every
+        recomputed frame attends to the later ones, and a beam's last chunk is its own. The rewards and the
+        final pick score against the new prompt from now on."""
         require(isinstance(prompt, str) and prompt.strip() != "", "a prompt switch needs a non-empty prompt")
         c = self.chunk_index
         require(c < self.num_chunks, f"all {self.num_chunks} chunks are made: there is no chunk left to switch")
@@ -359,35 +359,28 @@ class BeamSearch:
         stream, cf = self.cache.stream, self.latent_shape[1]
         span = min(self.chunk_index, self.recache_chunks)
         first = self.chunk_index - span
-        groups: dict[tuple[int, ...], tuple[list[ChunkNode], list[int]]] = {}  # beam history -> beams
-        for i, beam in enumerate(self.beams):
-            nodes = _last_nodes(beam.node, span)
-            groups.setdefault(tuple(id(n) for n in nodes), (nodes, []))[1].append(i)
-        missing = sorted({n.index for nodes, _ in groups.values() for n in nodes if n.latents is None})
+        tails = [_last_nodes(beam.node, span) for beam in self.beams]
+        missing = sorted({n.index for nodes in tails for n in nodes if n.latents is None})
         require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
-        x0 = torch.stack([torch.cat([n.latents.to(self.device) for n in nodes], dim=1)
-                          for nodes, _ in groups.values()])
+        x0 = torch.stack([torch.cat([n.latents.to(self.device) for n in nodes], dim=1) for nodes in tails])
         for beam in self.beams:  # LongLive zeroes its cache first: the old pages are never read again
             self.cache.drop(beam.pages)
-        pages = torch.stack([self.cache.new_chunk_pages(len(groups), (first + j) * cf) for j in range(span)], dim=1)
-        table, counts = self.cache.page_table([BeamPages() for _ in groups])
-        start = torch.full((len(groups),), first * cf, dtype=torch.long, device=self.device)
+        pages = torch.stack([self.cache.new_chunk_pages(len(tails), (first + j) * cf) for j in range(span)], dim=1)
+        table, counts = self.cache.page_table([BeamPages() for _ in tails])
+        start = torch.full((len(tails),), first * cf, dtype=torch.long, device=self.device)
         attn = ChunkAttention(self.cache.pool, table, counts, start, pages, backend=self.backend, max_pages=0)
         with self._range("recache"), torch.inference_mode():
             context_pass(self.model, x0, text, attn, self.context_timestep)
         num_sink = min(stream.sink_pages, span)
-        for (nodes, members), row in zip(groups.values(), pages.tolist()):
+        for beam, nodes, row in zip(self.beams, tails, pages.tolist()):
             for node, page in zip(nodes, row):
                 self.cache.flag[page] = node.flag  # a window page's flag routes it when it is evicted
             rest = row[num_sink:]
             kept = len(rest) if stream.is_global else min(len(rest), stream.window_pages)
-            beam_pages = BeamPages(row[:num_sink], rest[len(rest) - kept:])
-            self.beams[members[0]].pages = beam_pages
-            for m in members[1:]:
-                self.beams[m].pages = self.cache.fork(beam_pages)
+            beam.pages = BeamPages(row[:num_sink], rest[len(rest) - kept:])
             for page in rest[:len(rest) - kept]:
                 self.cache.release(page)
-        return list(range(first, self.chunk_index)), len(groups) * span
+        return list(range(first, self.chunk_index)), len(tails) * span
 
     # -- results ----------------------------------------------------------------------------------
     def final_chunks(self) -> list[ChunkNode]:
