@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers import brightness, smoothness, text_context, tiny_model
+from helpers import BeamPages, brightness, smoothness, text_context, tiny_model
 from streamt1_engine import StreamT1Engine
 from streamt1_engine.cache import PagedKVCache
 from streamt1_engine.config import SamplerConfig, StreamConfig
@@ -56,9 +56,15 @@ def run(runner, switches: dict, emit: bool = False):
     return runner
 
 
-def joint_pass_kv(model, latents, text, first_frame, timestep):
+def joint_pass_kv(model, latents, text, first_frame, timestep, sink=None):
     """Per layer (k, v) [F*tokens, H, D] of one bidirectional pass over ``latents`` [C, F, h, w] at frames
-    ``first_frame``.., taken from the dense path (which writes no pages) by recording the rotated keys."""
+    ``first_frame``.., recorded from a forward that writes no pages: the dense path, or with ``sink`` (a private
+    cache holding copies of the sink pages) the paged path reading just those pages."""
+    if sink is None:
+        attn = ChunkAttention.dense(1, "cpu", frame_start=first_frame)
+    else:
+        table, counts = sink.page_table([BeamPages(list(range(sink.pool.num_pages)))])
+        attn = ChunkAttention(sink.pool, table, counts, torch.tensor([first_frame]))
     keys, values = [], []
     original = wan.qk_norm_rope
 
@@ -72,7 +78,7 @@ def joint_pass_kv(model, latents, text, first_frame, timestep):
     wan.qk_norm_rope = record
     try:
         with torch.no_grad():
-            model(latents[None], torch.tensor([timestep]), text, ChunkAttention.dense(1, "cpu", frame_start=first_frame))
+            model(latents[None], torch.tensor([timestep]), text, attn)
     finally:
         wan.qk_norm_rope = original
         for h in hooks:
@@ -80,27 +86,37 @@ def joint_pass_kv(model, latents, text, first_frame, timestep):
     return keys, values
 
 
-@pytest.mark.parametrize("stream,chunks", [(LOCAL, 6), (GLOBAL, 4)], ids=["local", "global"])
-def test_recache_writes_the_new_prompts_kv_of_a_joint_pass_over_the_attended_chunks(stream, chunks):
+@pytest.mark.parametrize("stream,chunks,keep_sink", [(LOCAL, 6, False), (GLOBAL, 4, False), (LOCAL, 6, True)],
+                         ids=["local", "global", "local-keep-sink"])
+def test_recache_writes_the_new_prompts_kv_of_a_joint_pass_over_the_attended_chunks(stream, chunks, keep_sink):
     runner, cache = make_runner(stream, context_timestep=2.0)
     with torch.no_grad():
         for _ in range(chunks):
             runner.step()
     tails = [b.node.lineage() for b in runner.beams]
+    old_sinks = []
+    for beam in runner.beams:
+        private = PagedKVCache(runner.model.config, stream, max(len(beam.pages.sink), 1), "cpu", torch.float32)
+        private.pool.k[:, :len(beam.pages.sink)] = cache.pool.k[:, beam.pages.sink]
+        private.pool.v[:, :len(beam.pages.sink)] = cache.pool.v[:, beam.pages.sink]
+        old_sinks.append((list(beam.pages.sink), private))
     new_text = text_context(runner.model, seed=2)
-    switch = runner.switch_prompt("second", new_text)
+    switch = runner.switch_prompt("second", new_text, keep_sink=keep_sink)
     cache.check_consistency([b.pages for b in runner.beams])
 
     span = min(chunks, 7 if stream.is_global else 12 // 3)  # LongLive: its attention span, 12 frames or all
-    first = chunks - span
-    assert switch.recached_chunks == list(range(first, chunks)) and switch.pages_written == 2 * span
+    first = chunks - span + (1 if keep_sink else 0)  # global_sink: the span's first (sink-size) chunk is not used
+    assert switch.recached_chunks == list(range(first, chunks)) and switch.pages_written == 2 * (chunks - first)
     tokens = cache.page_tokens
-    for beam, lineage in zip(runner.beams, tails):
+    for beam, lineage, (sink_pages, private) in zip(runner.beams, tails, old_sinks):
         latents = torch.cat([n.latents for n in lineage[first:]], dim=1)
-        keys, values = joint_pass_kv(runner.model, latents, new_text, first * 3, 2.0)
+        keys, values = joint_pass_kv(runner.model, latents, new_text, first * 3, 2.0, private if keep_sink else None)
         if stream.is_global:  # every chunk stays in the window
             expected = {page: j for j, page in enumerate(beam.pages.window)}
             assert beam.pages.sink == []
+        elif keep_sink:  # the old sink pages stay, the span's last two chunks are the window
+            assert beam.pages.sink == sink_pages and len(beam.pages.window) == 2
+            expected = {beam.pages.window[0]: chunks - first - 2, beam.pages.window[1]: chunks - first - 1}
         else:  # LongLive: the span's first chunk becomes the sink, its last two the window, the one between goes
             assert len(beam.pages.sink) == 1 and len(beam.pages.window) == stream.window_pages == 2
             expected = {beam.pages.sink[0]: 0, beam.pages.window[0]: span - 2, beam.pages.window[1]: span - 1}
@@ -112,7 +128,8 @@ def test_recache_writes_the_new_prompts_kv_of_a_joint_pass_over_the_attended_chu
                 torch.testing.assert_close(cache.pool.v[layer, page], values[layer][j * tokens:(j + 1) * tokens],
                                            atol=1e-5, rtol=1e-5)
     in_use = cache.pool.num_pages - cache.num_free
-    assert in_use == 2 * len(runner.beams[0].pages.all_pages())  # the old pages and the evicted chunk are freed
+    held = {p for b in runner.beams for p in b.pages.all_pages()}
+    assert in_use == len(held)  # the old window (and sink) and the evicted chunk are freed
     runner.release()
     assert cache.num_free == cache.pool.num_pages
 

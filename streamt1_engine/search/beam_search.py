@@ -325,22 +325,28 @@ class BeamSearch:
             node.latents = None
 
     # -- prompt switching -------------------------------------------------------------------------
-    def switch_prompt(self, prompt: str, text: TextContext) -> PromptSwitch:
+    def switch_prompt(self, prompt: str, text: TextContext, *, keep_sink: bool = False) -> PromptSwitch:
         """Make the next chunk and all after it with ``prompt`` (``text``: its cross-attention K/V), as
-        LongLive's interactive mode switches with its default ``global_sink=False``: the cache is rebuilt from
-        the clean latents of the last ``recache_span`` chunks, run in one context pass with the new prompt at
-        their own frame positions and the context timestep, every frame attending to all of them (the pass
-        has no causal mask); their K/V replace the beam's pages. The first ``sink_size`` frames of the span
-        become the sink and the last ``window_pages`` chunks the window; the chunk in between (the current
-        chunk's slot in LongLive's cache) is recomputed but evicted, as LongLive's next forward evicts it. An
-        EMA-merged or APPEND-grown sink is thus replaced by a plain recomputed chunk, as LongLive replaces its
-        sink. Every beam gets its own new pages, also for chunks its old pages shared with other beams: every
+        LongLive's interactive mode switches (``_recache_after_switch``): the cache is rebuilt from the clean
+        latents of the last ``recache_span`` chunks, run in one context pass with the new prompt at their own
+        frame positions and the context timestep, every frame attending to all of them (the pass has no causal
+        mask); their K/V replace the beam's pages. The first ``sink_size`` frames of the span become the sink
+        and the last ``window_pages`` chunks the window; the chunk in between (the current chunk's slot in
+        LongLive's cache) is recomputed but evicted, as LongLive's next forward evicts it. An EMA-merged or
+        APPEND-grown sink is thus replaced by a plain recomputed chunk, as LongLive (default
+        ``global_sink=False``) replaces its sink.
+
+        ``keep_sink``: LongLive's ``global_sink=True``: once the span starts after frame 0, the sink pages stay
+        as they are (made with the old prompt, merges included) and the span's chunks after its first
+        ``sink_size`` frames are recomputed attending to that sink and to each other; earlier it is the default.
+
+        Every beam gets its own new pages, also for chunks its old pages shared with other beams: every
         recomputed frame attends to the later ones, and a beam's last chunk is its own. The rewards and the
         final pick score against the new prompt from now on."""
         require(isinstance(prompt, str) and prompt.strip() != "", "a prompt switch needs a non-empty prompt")
         c = self.chunk_index
         require(c < self.num_chunks, f"all {self.num_chunks} chunks are made: there is no chunk left to switch")
-        chunks, written = self._recache(text) if c > 0 else ([], 0)
+        chunks, written = self._recache(text, keep_sink) if c > 0 else ([], 0)
         self.prompt, self.text = prompt, text
         self.denoiser.set_text(text)
         switch = PromptSwitch(c, prompt, chunks, written)
@@ -355,29 +361,38 @@ class BeamSearch:
                 prompt = switch.prompt
         return prompt
 
-    def _recache(self, text: TextContext) -> tuple[list[int], int]:
+    def _recache(self, text: TextContext, keep_sink: bool) -> tuple[list[int], int]:
         stream, cf = self.cache.stream, self.latent_shape[1]
         span = min(self.chunk_index, self.recache_chunks)
         first = self.chunk_index - span
+        num_sink = min(stream.sink_pages, span)
+        # LongLive protects its sink only in a recompute that starts after frame 0 (``is_recompute``); then the
+        # span's first sink_size frames are neither written nor read, so they need not be computed at all
+        keep_sink = keep_sink and first > 0
+        if keep_sink:
+            first, span, num_sink = first + num_sink, span - num_sink, 0
         tails = [_last_nodes(beam.node, span) for beam in self.beams]
         missing = sorted({n.index for nodes in tails for n in nodes if n.latents is None})
         require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
         x0 = torch.stack([torch.cat([n.latents.to(self.device) for n in nodes], dim=1) for nodes in tails])
-        for beam in self.beams:  # LongLive zeroes its cache first: the old pages are never read again
-            self.cache.drop(beam.pages)
+        # the old window is never read again (LongLive overwrites it; by default it zeroes its whole cache first)
+        sinks = [BeamPages(beam.pages.sink if keep_sink else []) for beam in self.beams]
+        for beam in self.beams:
+            for page in beam.pages.window + ([] if keep_sink else beam.pages.sink):
+                self.cache.release(page)
         pages = torch.stack([self.cache.new_chunk_pages(len(tails), (first + j) * cf) for j in range(span)], dim=1)
-        table, counts = self.cache.page_table([BeamPages() for _ in tails])
+        table, counts = self.cache.page_table(sinks)
         start = torch.full((len(tails),), first * cf, dtype=torch.long, device=self.device)
-        attn = ChunkAttention(self.cache.pool, table, counts, start, pages, backend=self.backend, max_pages=0)
+        attn = ChunkAttention(self.cache.pool, table, counts, start, pages, backend=self.backend,
+                              max_pages=max(len(s.sink) for s in sinks))
         with self._range("recache"), torch.inference_mode():
             context_pass(self.model, x0, text, attn, self.context_timestep)
-        num_sink = min(stream.sink_pages, span)
-        for beam, nodes, row in zip(self.beams, tails, pages.tolist()):
+        for beam, nodes, row, sink in zip(self.beams, tails, pages.tolist(), sinks):
             for node, page in zip(nodes, row):
                 self.cache.flag[page] = node.flag  # a window page's flag routes it when it is evicted
             rest = row[num_sink:]
             kept = len(rest) if stream.is_global else min(len(rest), stream.window_pages)
-            beam.pages = BeamPages(row[:num_sink], rest[len(rest) - kept:])
+            beam.pages = BeamPages(sink.sink if keep_sink else row[:num_sink], rest[len(rest) - kept:])
             for page in rest[:len(rest) - kept]:
                 self.cache.release(page)
         return list(range(first, self.chunk_index)), len(tails) * span
