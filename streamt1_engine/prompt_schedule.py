@@ -46,7 +46,8 @@ def parse_prompt_schedule(spec, *, num_chunks: int, chunk_frames: int | None = N
         raise StreamT1Error("prompt schedule must be {chunk index: prompt}, a list of (chunk index, prompt) pairs "
                             f"or a LongLive line {{\"prompts\": [...], \"switch_chunk_indices\": [...]}}, got "
                             f"{type(spec).__name__}")
-    require(isinstance(num_chunks, int) and num_chunks >= 1, f"num_chunks must be a positive integer, got {num_chunks!r}")
+    require(isinstance(num_chunks, int) and num_chunks >= 1,
+            f"num_chunks must be a positive integer, got {num_chunks!r}")
     previous = None
     for chunk, prompt in entries:
         require(isinstance(prompt, str) and prompt.strip() != "",

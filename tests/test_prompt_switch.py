@@ -134,6 +134,22 @@ def test_recache_writes_the_new_prompts_kv_of_a_joint_pass_over_the_attended_chu
     assert cache.num_free == cache.pool.num_pages
 
 
+def test_keep_sink_is_the_default_recache_while_the_span_starts_at_frame_0():
+    """LongLive's global_sink protects the sink only in a recompute after frame 0 (``is_recompute``)."""
+    runs = []
+    for keep_sink in (False, True):
+        runner, _ = make_runner(LOCAL, num_chunks=6)
+        with torch.no_grad():
+            for c in range(6):
+                if c == 4:  # the span, chunks 0..3, starts at frame 0
+                    switch = runner.switch_prompt("second", text_context(runner.model, seed=2), keep_sink=keep_sink)
+                    assert switch.recached_chunks == [0, 1, 2, 3]
+                runner.step()
+        runs.append(runner)
+    assert [r.to_dict() for r in runs[0].records] == [r.to_dict() for r in runs[1].records]
+    assert all(torch.equal(a.node.latents, b.node.latents) for a, b in zip(runs[0].beams, runs[1].beams))
+
+
 def test_a_same_prompt_switch_still_recomputes_the_cache_as_longlive_does():
     """LongLive recaches at every switch, whatever the prompt: the joint pass is not the causal one that wrote
     the pages, and the sink moves to the span's first chunk, so the stream is not the unswitched one."""

@@ -30,7 +30,8 @@ class ChunkAttention:
     page_table [N, M] / num_pages [N]: cached pages each candidate attends to (sink first, then window);
     frame_start [N]: latent-frame index of the chunk; write_pages [N] or None: pages that receive the
     chunk's keys (rotated at the chunk's positions, which become the page's) and values (the clean context
-    pass); [N, k] when each call item is k consecutive chunks, one page each (the recache at a prompt switch). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
+    pass); [N, k] when each call item is k consecutive chunks, one page each (the recache at a prompt
+    switch). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
     only the slots that can be valid; None (e.g. inside a captured CUDA graph, where the counts change
     between replays) reads the full table width.
     """

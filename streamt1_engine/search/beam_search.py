@@ -8,6 +8,7 @@ With ``reward_frames="cold"`` the rewards see what the reference shows them: the
 the window decoded from its first chunk, both from a cold VAE state (siblings share their beam's decoded
 window prefix); the output video stays the streamed decode.
 ``none`` and ``best_of_n`` are the same loop with other shapes and units switched off.
+Between two steps ``switch_prompt`` continues the stream with another prompt (LongLive's recache).
 The decisions (seeds, survivors, route flags, hybrid weight, final pick) come from ``policy.SearchPolicy``
 on host values; this module does the tensor work.
 """
@@ -300,7 +301,8 @@ class BeamSearch:
         """Keep on the device only what the next chunks read: the initial noise of each beam's last node
         (children propagate their parent beam's last noise) and the frames and latents of the last
         ``window_chunks`` chunks (the long-term reward's window); older frames and latents are only needed for
-        the output and move to the host, so device memory stays flat however long the stream runs."""
+        the output and move to the host, so device memory stays flat however long the stream runs. Latents of
+        the last ``recache_chunks`` chunks stay (on the host) after they are emitted, for a prompt switch."""
         keep = max(self.search.window_chunks, 1)
         for beam in self.beams:
             node, depth = beam.node.parent, 1
@@ -318,8 +320,8 @@ class BeamSearch:
                 node, depth = node.parent, depth + 1
 
     def mark_emitted(self, node: ChunkNode) -> None:
-        """The caller has this final chunk: once out of the window its latents are not needed here (its frames
-        are, for the final pick over whole videos)."""
+        """The caller has this final chunk: once out of the window and the recache span its latents are not
+        needed here (its frames are, for the final pick over whole videos)."""
         node.emitted = True
         if node.offloaded and node.index < self.chunk_index - self.recache_chunks:
             node.latents = None
@@ -374,19 +376,21 @@ class BeamSearch:
         tails = [_last_nodes(beam.node, span) for beam in self.beams]
         missing = sorted({n.index for nodes in tails for n in nodes if n.latents is None})
         require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
-        x0 = torch.stack([torch.cat([n.latents.to(self.device) for n in nodes], dim=1) for nodes in tails])
         # the old window is never read again (LongLive overwrites it; by default it zeroes its whole cache first)
         sinks = [BeamPages(beam.pages.sink if keep_sink else []) for beam in self.beams]
         for beam in self.beams:
             for page in beam.pages.window + ([] if keep_sink else beam.pages.sink):
                 self.cache.release(page)
         pages = torch.stack([self.cache.new_chunk_pages(len(tails), (first + j) * cf) for j in range(span)], dim=1)
-        table, counts = self.cache.page_table(sinks)
-        start = torch.full((len(tails),), first * cf, dtype=torch.long, device=self.device)
-        attn = ChunkAttention(self.cache.pool, table, counts, start, pages, backend=self.backend,
-                              max_pages=max(len(s.sink) for s in sinks))
+        start = torch.full((1,), first * cf, dtype=torch.long, device=self.device)
+        # one beam per pass: its queries span ``span`` chunks, so the peak stays that of ``span`` candidates
         with self._range("recache"), torch.inference_mode():
-            context_pass(self.model, x0, text, attn, self.context_timestep)
+            for i, (nodes, sink) in enumerate(zip(tails, sinks)):
+                x0 = torch.cat([n.latents.to(self.device) for n in nodes], dim=1)[None]
+                table, counts = self.cache.page_table([sink])
+                attn = ChunkAttention(self.cache.pool, table, counts, start, pages[i:i + 1], backend=self.backend,
+                                      max_pages=len(sink.sink))
+                context_pass(self.model, x0, text, attn, self.context_timestep)
         for beam, nodes, row, sink in zip(self.beams, tails, pages.tolist(), sinks):
             for node, page in zip(nodes, row):
                 self.cache.flag[page] = node.flag  # a window page's flag routes it when it is evicted
