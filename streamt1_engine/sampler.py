@@ -78,6 +78,10 @@ class EagerDenoiser:
     def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0):
         self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
 
+    def set_text(self, text) -> None:
+        """Denoise the following chunks against another prompt (as ``GraphedDenoiser.set_text``)."""
+        self.text = text
+
     def denoise(self, noise: ChunkNoise, attn) -> torch.Tensor:
         return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
 

@@ -30,7 +30,8 @@ class ChunkAttention:
     page_table [N, M] / num_pages [N]: cached pages each candidate attends to (sink first, then window);
     frame_start [N]: latent-frame index of the chunk; write_pages [N] or None: pages that receive the
     chunk's keys (rotated at the chunk's positions, which become the page's) and values (the clean context
-    pass). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
+    pass); [N, k] when each call item is k consecutive chunks, one page each (the recache at a prompt
+    switch). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
     only the slots that can be valid; None (e.g. inside a captured CUDA graph, where the counts change
     between replays) reads the full table width.
     """
@@ -158,8 +159,10 @@ class SelfAttention(AttentionProjections):
         pool = attn.pool
         if attn.write_pages is not None:
             require(pool is not None, "a KV pool is needed to write the context pass")
-            pool.k[layer].index_copy_(0, attn.write_pages, k_rot.to(pool.k.dtype))
-            pool.v[layer].index_copy_(0, attn.write_pages, v.to(pool.v.dtype))
+            pages = attn.write_pages.reshape(-1)  # [N, k]: k consecutive chunks per call (a prompt-switch recache)
+            page_shape = (pages.shape[0], *pool.k.shape[2:])
+            pool.k[layer].index_copy_(0, pages, k_rot.reshape(page_shape).to(pool.k.dtype))
+            pool.v[layer].index_copy_(0, pages, v.reshape(page_shape).to(pool.v.dtype))
         if pool is None:
             out = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2).to(q_rot.dtype),
                                                  v.transpose(1, 2), attn_mask=attn.dense_mask)

@@ -8,6 +8,7 @@ With ``reward_frames="cold"`` the rewards see what the reference shows them: the
 the window decoded from its first chunk, both from a cold VAE state (siblings share their beam's decoded
 window prefix); the output video stays the streamed decode.
 ``none`` and ``best_of_n`` are the same loop with other shapes and units switched off.
+Between two steps ``switch_prompt`` continues the stream with another prompt (LongLive's recache).
 The decisions (seeds, survivors, route flags, hybrid weight, final pick) come from ``policy.SearchPolicy``
 on host values; this module does the tensor work.
 """
@@ -20,10 +21,11 @@ from typing import Any, Callable
 import torch
 
 from ..cache import BeamPages, PagedKVCache, RouteFlag
-from ..errors import StreamT1Error
+from ..config import StreamConfig
+from ..errors import StreamT1Error, require
 from ..rewards.base import score
 from ..model.wan import ChunkAttention, TextContext
-from ..sampler import ChunkNoise, EagerDenoiser, Schedule  # EagerDenoiser: also imported from here
+from ..sampler import ChunkNoise, EagerDenoiser, Schedule, context_pass  # EagerDenoiser: also imported from here
 from ..vae import decode_cold_windows
 from .config import SearchConfig
 from .noise import StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise
@@ -84,6 +86,35 @@ class ChunkRecord:
         return dict(self.__dict__)
 
 
+@dataclass
+class PromptSwitch:
+    """A prompt switch that took effect at chunk ``chunk`` (every chunk from it on uses ``prompt``)."""
+
+    chunk: int
+    prompt: str
+    recached_chunks: list[int]  # chunks whose K/V were recomputed with the new prompt (none before chunk 0)
+    pages_written: int  # one per recached chunk and beam
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def recache_span(stream: StreamConfig) -> int:
+    """Chunks LongLive recomputes at a prompt switch: its whole attention span, ``local_attn_size`` frames
+    (sink and the current chunk's slot included), or every chunk so far under global attention."""
+    if stream.is_global:
+        return stream.window_pages + 1
+    return stream.local_attn_size // stream.chunk_frames
+
+
+def _last_nodes(node: "ChunkNode", count: int) -> list["ChunkNode"]:
+    nodes = []
+    while node is not None and len(nodes) < count:
+        nodes.append(node)
+        node = node.parent
+    return nodes[::-1]
+
+
 def to_uint8(frames: torch.Tensor, truncate: bool = False) -> torch.Tensor:
     """float [N, T, 3, H, W] in [0, 1] -> uint8 [N, T, H, W, 3]; ``truncate`` as the reference's PNG / MP4
     writers do (``(255 * x).astype(uint8)``), otherwise rounded."""
@@ -123,6 +154,9 @@ class BeamSearch:
         self.noise_dtype = cache.pool.k.dtype  # upstream draws in the dtype its model and KV cache run in
         self.policy = SearchPolicy(search, seed, num_chunks, latent_shape[1])
         self._stream_noise: StreamNoise | None = None  # plain streaming in official mode: one generator
+        self.initial_prompt = prompt
+        self.prompt_switches: list[PromptSwitch] = []
+        self.recache_chunks = recache_span(cache.stream)  # latents kept (on the host) for a prompt switch
         if search.uses_rewards and (short_reward is None or long_reward is None):
             raise StreamT1Error(f"search {search.strategy!r} needs a short-term and a long-term reward")
 
@@ -267,26 +301,105 @@ class BeamSearch:
         """Keep on the device only what the next chunks read: the initial noise of each beam's last node
         (children propagate their parent beam's last noise) and the frames and latents of the last
         ``window_chunks`` chunks (the long-term reward's window); older frames and latents are only needed for
-        the output and move to the host, so device memory stays flat however long the stream runs."""
+        the output and move to the host, so device memory stays flat however long the stream runs. Latents of
+        the last ``recache_chunks`` chunks stay (on the host) after they are emitted, for a prompt switch."""
         keep = max(self.search.window_chunks, 1)
         for beam in self.beams:
             node, depth = beam.node.parent, 1
-            while node is not None:  # back to the first node already offloaded by an earlier step
+            while node is not None:  # back to the first node already offloaded and out of the recache span
                 node.initial_noise = None
                 if depth >= keep:
-                    if node.offloaded:
+                    if node.offloaded and depth > self.recache_chunks:
                         break
-                    node.frames = node.frames.cpu()
-                    node.latents = None if node.emitted else node.latents.cpu()
-                    node.offloaded = True
+                    if not node.offloaded:
+                        node.frames = node.frames.cpu()
+                        node.latents = node.latents.cpu() if node.latents is not None else None
+                        node.offloaded = True
+                    if node.emitted and depth >= self.recache_chunks:  # a prompt switch no longer reads them
+                        node.latents = None
                 node, depth = node.parent, depth + 1
 
     def mark_emitted(self, node: ChunkNode) -> None:
-        """The caller has this final chunk: once out of the window its latents are not needed here (its frames
-        are, for the final pick over whole videos)."""
+        """The caller has this final chunk: once out of the window and the recache span its latents are not
+        needed here (its frames are, for the final pick over whole videos)."""
         node.emitted = True
-        if node.offloaded:
+        if node.offloaded and node.index < self.chunk_index - self.recache_chunks:
             node.latents = None
+
+    # -- prompt switching -------------------------------------------------------------------------
+    def switch_prompt(self, prompt: str, text: TextContext, *, keep_sink: bool = False) -> PromptSwitch:
+        """Make the next chunk and all after it with ``prompt`` (``text``: its cross-attention K/V), as
+        LongLive's interactive mode switches (``_recache_after_switch``): the cache is rebuilt from the clean
+        latents of the last ``recache_span`` chunks, run in one context pass with the new prompt at their own
+        frame positions and the context timestep, every frame attending to all of them (the pass has no causal
+        mask); their K/V replace the beam's pages. The first ``sink_size`` frames of the span become the sink
+        and the last ``window_pages`` chunks the window; the chunk in between (the current chunk's slot in
+        LongLive's cache) is recomputed but evicted, as LongLive's next forward evicts it. An EMA-merged or
+        APPEND-grown sink is thus replaced by a plain recomputed chunk, as LongLive (default
+        ``global_sink=False``) replaces its sink.
+
+        ``keep_sink``: LongLive's ``global_sink=True``: once the span starts after frame 0, the sink pages stay
+        as they are (made with the old prompt, merges included) and the span's chunks after its first
+        ``sink_size`` frames are recomputed attending to that sink and to each other; earlier it is the default.
+
+        Every beam gets its own new pages, also for chunks its old pages shared with other beams: every
+        recomputed frame attends to the later ones, and a beam's last chunk is its own. The rewards and the
+        final pick score against the new prompt from now on."""
+        require(isinstance(prompt, str) and prompt.strip() != "", "a prompt switch needs a non-empty prompt")
+        c = self.chunk_index
+        require(c < self.num_chunks, f"all {self.num_chunks} chunks are made: there is no chunk left to switch")
+        chunks, written = self._recache(text, keep_sink) if c > 0 else ([], 0)
+        self.prompt, self.text = prompt, text
+        self.denoiser.set_text(text)
+        switch = PromptSwitch(c, prompt, chunks, written)
+        self.prompt_switches.append(switch)
+        return switch
+
+    def prompt_of(self, chunk: int) -> str:
+        """The prompt chunk ``chunk`` was (or will be) made with."""
+        prompt = self.initial_prompt
+        for switch in self.prompt_switches:
+            if switch.chunk <= chunk:
+                prompt = switch.prompt
+        return prompt
+
+    def _recache(self, text: TextContext, keep_sink: bool) -> tuple[list[int], int]:
+        stream, cf = self.cache.stream, self.latent_shape[1]
+        span = min(self.chunk_index, self.recache_chunks)
+        first = self.chunk_index - span
+        num_sink = min(stream.sink_pages, span)
+        # LongLive protects its sink only in a recompute that starts after frame 0 (``is_recompute``); then the
+        # span's first sink_size frames are neither written nor read, so they need not be computed at all
+        keep_sink = keep_sink and first > 0
+        if keep_sink:
+            first, span, num_sink = first + num_sink, span - num_sink, 0
+        tails = [_last_nodes(beam.node, span) for beam in self.beams]
+        missing = sorted({n.index for nodes in tails for n in nodes if n.latents is None})
+        require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
+        # the old window is never read again (LongLive overwrites it; by default it zeroes its whole cache first)
+        sinks = [BeamPages(beam.pages.sink if keep_sink else []) for beam in self.beams]
+        for beam in self.beams:
+            for page in beam.pages.window + ([] if keep_sink else beam.pages.sink):
+                self.cache.release(page)
+        pages = torch.stack([self.cache.new_chunk_pages(len(tails), (first + j) * cf) for j in range(span)], dim=1)
+        start = torch.full((1,), first * cf, dtype=torch.long, device=self.device)
+        # one beam per pass: its queries span ``span`` chunks, so the peak stays that of ``span`` candidates
+        with self._range("recache"), torch.inference_mode():
+            for i, (nodes, sink) in enumerate(zip(tails, sinks)):
+                x0 = torch.cat([n.latents.to(self.device) for n in nodes], dim=1)[None]
+                table, counts = self.cache.page_table([sink])
+                attn = ChunkAttention(self.cache.pool, table, counts, start, pages[i:i + 1], backend=self.backend,
+                                      max_pages=len(sink.sink))
+                context_pass(self.model, x0, text, attn, self.context_timestep)
+        for beam, nodes, row, sink in zip(self.beams, tails, pages.tolist(), sinks):
+            for node, page in zip(nodes, row):
+                self.cache.flag[page] = node.flag  # a window page's flag routes it when it is evicted
+            rest = row[num_sink:]
+            kept = len(rest) if stream.is_global else min(len(rest), stream.window_pages)
+            beam.pages = BeamPages(sink.sink if keep_sink else row[:num_sink], rest[len(rest) - kept:])
+            for page in rest[:len(rest) - kept]:
+                self.cache.release(page)
+        return list(range(first, self.chunk_index)), len(tails) * span
 
     # -- results ----------------------------------------------------------------------------------
     def final_chunks(self) -> list[ChunkNode]:
