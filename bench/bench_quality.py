@@ -48,6 +48,7 @@ V1_PROMPTS = [  # bench_quality_v1.PROMPTS, repeated here so that v2 does not im
 V1_SEEDS = [0, 1, 2, 3]
 BEAM, TOP_K = 2, 2
 FULL = "stream_t1"
+STRIP_PROMPTS = 2  # prompts whose frames the bench saves as a picture
 UNITS = {"noise propagation": "noise_propagation", "reward pruning": "reward_pruning",
          "memory sinking": "memory_sinking"}
 
@@ -102,7 +103,7 @@ def run(engine, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | 
     long_rewards = {"video": ProceduralVideoReward(), "video_motion": video_motion_reward()}
     cf = engine.config.stream.chunk_frames
     engine.generate(prompts[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
-    out = {}
+    out, strips = {}, {}
     for name, (cfg, long_name) in table.items():
         records = []
         started = time.perf_counter()
@@ -114,15 +115,24 @@ def run(engine, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | 
                 flags = [f for c in result.chunks for f in c.route_flags]
                 records.append({"prompt": prompt, "seed": seed, **qm.video_scores(video, prompt, cf),
                                 "append": flags.count("APPEND"), "ema": flags.count("EMA"), "routes": len(flags)})
-                if strip_dir is not None and seed == seeds[0] and prompt in prompts[:3]:
-                    from streamt1_engine.video_io import save_frame_strip
-
-                    slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
-                    save_frame_strip(strip_dir / f"{slug}-{prompts.index(prompt)}.png", result.frames, every=1)
+                if seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS]:
+                    strips.setdefault(prompt, []).append(result.frames)
         seconds = (time.perf_counter() - started) / (len(prompts) * len(seeds))
         out[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates, "records": records}
         print(f"  {name}: {seconds:.2f} s/video", flush=True)
+    if strip_dir is not None:
+        save_strips(strip_dir, strips)
     return out
+
+
+def save_strips(strip_dir: Path, strips: dict) -> None:
+    """One PNG per prompt: every frame of the first seed's video, one row per method (in table order)."""
+    from PIL import Image
+
+    strip_dir.mkdir(parents=True, exist_ok=True)
+    for i, videos in enumerate(strips.values()):
+        rows = [torch.cat(list(frames), dim=1) for frames in videos]  # [H, T*W, 3] per method
+        Image.fromarray(torch.cat(rows, dim=0).numpy()).save(strip_dir / f"prompt-{i}.png")
 
 
 def composite(record: dict) -> float:

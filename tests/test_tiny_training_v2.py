@@ -120,3 +120,14 @@ def test_a_v2_run_records_its_options_and_names_its_rewards(tmp_path):
     result = engine.generate("a red circle moving left on a blue background", num_chunks=2, seed=0,
                              search="stream_t1")  # the model's own rewards, motion verifier included
     assert result.frames.shape[0] == 6
+
+
+def test_a_v1_run_records_what_it_always_recorded(tmp_path):
+    from streamt1_engine.tiny.train import train
+
+    info = train(tmp_path / "m", steps=1, batch=2, threads=1, val_size=2, log_every=1)
+    assert set(info) == {"steps", "seed", "batch", "lr", "ema_decay", "rollout_prob", "rollout_after", "train_loss",
+                         "val_loss_at_inference_steps", "minutes", "threads", "stopped_by", "init"}
+    config = json.loads((tmp_path / "m" / "streamt1.json").read_text())
+    assert config["rewards"] == {"short": "procedural_frame", "long": "procedural_video"}
+    assert config["vae"] == {"type": "space_to_depth", "factor": 4} and "32x32" in config["description"]

@@ -16,10 +16,10 @@ RECIPES: dict[str, tuple[dict, ...]] = {
         {"seed": 1, "lr": 1e-3, "steps": 3000, "minutes": 60},
     ),
     "v2": (
-        {"clip_chunks": 8, "batch": 8, "steps": 2400, "minutes": 60, "lr": 2e-3, "hold_out": True,
+        {"clip_chunks": 8, "batch": 8, "steps": 2000, "minutes": 60, "lr": 2e-3, "hold_out": True,
          "motion_weight": 2.0, "temporal_weight": 1.0, "context_rollout_prob": 0.25, "rollout_after": 0.3,
          "rewards": {"short": "procedural_frame", "long": "procedural_video_motion"}},
-        {"clip_chunks": 8, "batch": 8, "steps": 2400, "minutes": 60, "lr": 1e-3, "seed": 1, "hold_out": True,
+        {"clip_chunks": 8, "batch": 8, "steps": 1800, "minutes": 60, "lr": 1e-3, "seed": 1, "hold_out": True,
          "motion_weight": 2.0, "temporal_weight": 1.0, "context_rollout_prob": 0.5, "rollout_after": 0.0,
          "context_rollout_start": 1, "rewards": {"short": "procedural_frame", "long": "procedural_video_motion"}},
     ),

@@ -15,6 +15,15 @@ minutes on 2 cores in all): the default run, then a second one started from it (
 
     python -m streamt1_engine.tiny.train --out stage1
     python -m streamt1_engine.tiny.train --out stage2 --init stage1 --seed 1 --lr 1e-3 --steps 3000 --minutes 60
+
+(``--recipe v1 [--stage 2]`` names the same options.) The v2 recipe (``recipes.py``) trains for motion
+with options that are all off by default: clips of 8 chunks in which a chunk sees the sink and the
+inference window before it, part of each batch seeing the model's own chunks as context, extra loss
+weight on pixels that change and a loss on the frame-to-frame change across chunk boundaries, and the
+benchmark's held-out scenes kept out of the data::
+
+    python -m streamt1_engine.tiny.train --recipe v2 --out stage1
+    python -m streamt1_engine.tiny.train --recipe v2 --stage 2 --init stage1 --out stage2
 """
 from __future__ import annotations
 
