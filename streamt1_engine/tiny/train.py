@@ -407,6 +407,8 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
             save_model_dir(ema.shadow, out, training, rewards)
             last_save = time.time()
             print(f"saved checkpoint at step {step} to {out}", flush=True)
+    if math.isnan(final_loss) and running:  # a run shorter than log_every: no log line yet
+        final_loss = sum(running) / len(running)
     val = validation_loss(ema.shadow, val_batch, mask)
     minutes_used = (time.time() - start) / 60
     training = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "ema_decay": ema_decay,
