@@ -131,3 +131,25 @@ def test_a_v1_run_records_what_it_always_recorded(tmp_path):
     config = json.loads((tmp_path / "m" / "streamt1.json").read_text())
     assert config["rewards"] == {"short": "procedural_frame", "long": "procedural_video"}
     assert config["vae"] == {"type": "space_to_depth", "factor": 4} and "32x32" in config["description"]
+
+
+def test_temporal_loss_sees_a_jump_at_a_chunk_boundary_and_change_weight_the_moving_pixels():
+    from streamt1_engine.tiny.train import change_weight, temporal_loss
+
+    frames, _, times = ProceduralVideos(seed=5, two_object_prob=0.0).streaming_batch(0, 2, 4, 3, gap_prob=0.0)
+    x0 = build_tiny_model().vae.encode(frames)
+    weight = torch.ones(2, 12)
+    assert temporal_loss(x0, x0, x0, times, 3, weight) == 0  # the truth continues its context exactly
+    jumped = x0.clone()
+    jumped[:, :, 6:9] = torch.roll(x0[:, :, 6:9], 1, dims=-1)  # chunk 2 shifted one latent pixel: a seam
+    seam = temporal_loss(jumped, x0, x0, times, 3, weight)
+    assert seam > 0
+    # the first frame of a chunk is compared with the context, not with the prediction of the chunk before
+    assert temporal_loss(x0, x0, jumped, times, 3, weight) > 0
+    # after a jump in time the boundary is not a frame step and is not compared
+    gap_times = times.clone()
+    gap_times[:, 6:] += 30
+    assert temporal_loss(jumped, x0, x0, gap_times, 3, weight) < seam
+    moving = change_weight(frames, times, 4)
+    assert moving.shape == (2, 12, 8, 8) and moving[:, 0].sum() == 0 and moving[:, 1:].sum() > 0
+    assert change_weight(frames, gap_times, 4)[:, 6].sum() == 0
