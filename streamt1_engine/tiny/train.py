@@ -113,11 +113,9 @@ def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], ti
                                            mask, gen, own_context_start)
     text = text_context(model, prompts)
     attn = ChunkAttention.dense(b, x0.device, mask, frame_positions=times.repeat(1, 2))
-    zeros = torch.zeros(b, num_frames)
 
     def flow_of(x_t, t_frames):
-        inputs = torch.cat([context, x_t], dim=2)
-        return model.dit(inputs, torch.cat([zeros, t_frames], dim=1), text, attn)[:, :, num_frames:].float()
+        return dense_flow(model, context, x_t, t_frames, text, attn)
 
     if rollout:
         steps = inference_timesteps(model.sampler)
