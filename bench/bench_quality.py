@@ -1,6 +1,6 @@
 """Quality bench v2: what each search strategy and each Stream-T1 unit does to the embedded tiny model's videos.
 
-    python bench/bench_quality.py                 # 12 prompts x 4 seeds x 12 chunks, writes bench/results/
+    python bench/bench_quality.py                 # 12 prompts x 4 seeds x 12 chunks (~10 min on 2 cores)
     python bench/bench_quality.py --tiny          # seconds: CI smoke run (2 prompts, 2 seeds, 3 chunks)
     python bench/bench_quality.py --v1 [--quick]  # the first bench (bench/results/quality-2026-11-24.md)
 
@@ -12,6 +12,7 @@ spurious blobs), which no reward computes. The search gets the model's own rewar
 long-term reward (``procedural_video_motion``), and there signed speed is no longer held out.
 ``best_of_n`` draws beam_size x top_k candidates per chunk, as Stream-T1 does: equal compute. Each
 difference is paired (same prompt and seed) with a 95 % bootstrap interval that resamples prompts.
+Results (markdown, per-video JSON, one frame strip per prompt for the first two) go to bench/results/.
 """
 from __future__ import annotations
 
