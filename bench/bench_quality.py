@@ -1,34 +1,50 @@
-"""Quality of the search strategies on the embedded tiny model (CPU, a few minutes).
+"""Quality bench v2: what each search strategy and each Stream-T1 unit does to the embedded tiny model's videos.
 
-    python bench/bench_quality.py            # full run, writes bench/results/quality-<date>.md
-    python bench/bench_quality.py --quick    # seconds: CI smoke run, prints only
+    python bench/bench_quality.py                 # 12 prompts x 4 seeds x 12 chunks (~10 min on 2 cores)
+    python bench/bench_quality.py --tiny          # seconds: CI smoke run (2 prompts, 2 seeds, 3 chunks)
+    python bench/bench_quality.py --v1 [--quick]  # the first bench (bench/results/quality-2026-11-24.md)
 
-Every strategy generates the same prompts and seeds with the engine API. The search is steered by the
-procedural rewards (short-term: ``procedural_frame``, long-term and final pick: ``procedural_video``);
-their terms are marked * in the table. ``direction`` and ``flicker`` are never given to the search: they
-are the held-out check that the search finds better videos, not just videos that game its reward.
-``best_of_n`` draws as many candidates per chunk as Stream-T1 (beam_size x top_k), so compute is equal.
+Prompts are the held-out scenes of ``tiny.procedural.HELD_OUT_SCENES`` (kept out of the v2 training data;
+the v1 weights saw every scene) and none of the v1 bench's; seeds are none of v1's either (both asserted).
+Videos are judged by ``bench_quality_metrics`` (signed speed along the prompt, chunk seams, square fill,
+spurious blobs), which no reward computes. The search gets the model's own rewards (short-term
+``procedural_frame``, long-term ``procedural_video``); one extra row adds the motion verifier to the
+long-term reward (``procedural_video_motion``), and there signed speed is no longer held out.
+``best_of_n`` draws beam_size x top_k candidates per chunk, as Stream-T1 does: equal compute. Each
+difference is paired (same prompt and seed) with a 95 % bootstrap interval that resamples prompts.
+Results (markdown, per-video JSON, one frame strip per prompt for the first two) go to bench/results/.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.metadata
+import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from streamt1_engine.engine import StreamT1Engine
-from streamt1_engine.search.config import SearchConfig
-from streamt1_engine.tiny.metrics import METRIC_NAMES, video_metrics
-from streamt1_engine.tiny.rewards import HELD_OUT_TERMS, ProceduralFrameReward, ProceduralVideoReward
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality_metrics as qm  # noqa: E402
 
-PROMPTS = [
+from streamt1_engine.engine import StreamT1Engine  # noqa: E402
+from streamt1_engine.search.config import SearchConfig  # noqa: E402
+from streamt1_engine.tiny.procedural import (  # noqa: E402
+    HELD_OUT_PROMPTS,
+    ObjectSpec,
+    SceneSpec,
+    is_held_out,
+    parse_prompt,
+)
+from streamt1_engine.tiny.rewards import ProceduralFrameReward, ProceduralVideoReward, video_motion_reward  # noqa: E402
+
+PROMPTS = list(HELD_OUT_PROMPTS)
+SEEDS = [1000, 1001, 1002, 1003]
+V1_PROMPTS = [  # bench_quality_v1.PROMPTS, repeated here so that v2 does not import v1
     "a red circle moving left on a blue background",
     "a yellow square moving down on a black background",
     "a green triangle moving right on a white background",
@@ -36,116 +52,236 @@ PROMPTS = [
     "a purple square moving right on a green background",
     "a cyan triangle moving left and a red square moving up on a black background",
 ]
-SEEDS = [0, 1, 2, 3]
+V1_SEEDS = [0, 1, 2, 3]
 BEAM, TOP_K = 2, 2
+FULL = "stream_t1"
+STRIP_PROMPTS = 2  # prompts whose frames the bench saves as a picture
+UNITS = {"noise propagation": "noise_propagation", "reward pruning": "reward_pruning",
+         "memory sinking": "memory_sinking"}
 
 
-def strategies(quick: bool) -> dict[str, SearchConfig]:
-    stream_t1 = {"strategy": "stream_t1", "beam_size": BEAM, "top_k": TOP_K}
-    configs = {
-        "none": SearchConfig(strategy="none"),
-        f"best_of_n (n={BEAM * TOP_K})": SearchConfig(strategy="best_of_n", num_candidates=BEAM * TOP_K),
-        "stream_t1": SearchConfig(**stream_t1),
-        "stream_t1 - noise propagation": SearchConfig(**stream_t1, noise_propagation=False),
-        "stream_t1 - reward pruning (random)": SearchConfig(**stream_t1, reward_pruning=False),
-        "stream_t1 - memory sinking": SearchConfig(**stream_t1, memory_sinking=False),
+def check_disjoint(prompts, seeds) -> None:
+    """The bench's prompts are held out of v2 training and are not v1's; its seeds are not v1's."""
+    assert not set(prompts) & set(V1_PROMPTS), "v2 prompts overlap the v1 bench"
+    assert not set(seeds) & set(V1_SEEDS), "v2 seeds overlap the v1 bench"
+    for prompt in prompts:
+        spec = parse_prompt(prompt)
+        # only what the prompt names matters to is_held_out; size, place and speed are placeholders
+        scene = SceneSpec(spec.background, [ObjectSpec(c, s, d, 5.0, (16.0, 16.0), 1.5, 10 ** 6)
+                                            for c, s, d in spec.objects])
+        assert is_held_out(scene), f"{prompt!r} is not held out of training"
+
+
+def methods(search_overrides: dict, names=None) -> dict[str, tuple[SearchConfig, str]]:
+    """name -> (search config, long-term reward); ablations switch off one Stream-T1 unit each."""
+    full = {"strategy": "stream_t1", "beam_size": BEAM, "top_k": TOP_K, **search_overrides}
+    rows = {
+        "none": (SearchConfig(strategy="none"), "video"),
+        f"best_of_n (n={BEAM * TOP_K})": (SearchConfig(strategy="best_of_n", num_candidates=BEAM * TOP_K), "video"),
+        FULL: (SearchConfig(**full), "video"),
+        **{f"{FULL} - {unit}": (SearchConfig(**{**full, field: False}), "video") for unit, field in UNITS.items()},
+        f"{FULL} + motion reward": (SearchConfig(**full), "video_motion"),
     }
-    if quick:
-        return {k: v for k, v in configs.items() if k in ("none", "stream_t1")}
-    return configs
+    if names:
+        unknown = set(names) - set(rows)
+        assert not unknown, f"unknown methods {sorted(unknown)}; known: {list(rows)}"
+        rows = {k: v for k, v in rows.items() if k in names}
+    return rows
 
 
-def run(engine, configs: dict, prompts: list[str], seeds: list[int], num_chunks: int) -> dict:
-    """Mean metrics per strategy; ``reward_delta`` is the paired difference to the first strategy."""
-    short, long = ProceduralFrameReward(), ProceduralVideoReward()
+def comparisons(names) -> list[tuple[str, str]]:
+    """(a, b) pairs whose paired difference a - b is reported: each method against plain generation,
+    Stream-T1 against best-of-N, and the full search against each of its ablations (what the unit adds)."""
+    best = next((n for n in names if n.startswith("best_of_n")), None)
+    pairs = [(n, "none") for n in names if n != "none" and "none" in names]
+    if best and FULL in names:
+        pairs.append((FULL, best))
+    pairs += [(FULL, n) for n in names if n.startswith(f"{FULL} - ") and FULL in names]
+    return pairs
+
+
+def run(engine, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | None = None) -> dict:
+    """Per method: one record per (prompt, seed) with the metrics, route counts and seconds."""
+    short = ProceduralFrameReward()
+    long_rewards = {"video": ProceduralVideoReward(), "video_motion": video_motion_reward()}
+    cf = engine.config.stream.chunk_frames
     engine.generate(prompts[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
-    rows = {}
-    for name, cfg in configs.items():
-        values = {m: [] for m in METRIC_NAMES}
-        values["reward"] = []
+    out, strips = {}, {}
+    for name, (cfg, long_name) in table.items():
+        records = []
         started = time.perf_counter()
         for prompt in prompts:
             for seed in seeds:
                 result = engine.generate(prompt, num_chunks=num_chunks, seed=seed, search=cfg,
-                                         short_reward=short, long_reward=long)
-                frames = result.frames.permute(0, 3, 1, 2).float()[None] / 255.0  # [1, T, 3, H, W]
-                for metric, value in video_metrics(frames, prompt).items():
-                    values[metric].append(value.item())
-                values["reward"].append(long(frames, prompt).item())
+                                         short_reward=short, long_reward=long_rewards[long_name])
+                video = result.frames.permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
+                flags = [f for c in result.chunks for f in c.route_flags]
+                records.append({"prompt": prompt, "seed": seed, **qm.video_scores(video, prompt, cf),
+                                "append": flags.count("APPEND"), "ema": flags.count("EMA"), "routes": len(flags)})
+                if seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS]:
+                    strips.setdefault(prompt, []).append(result.frames)
         seconds = (time.perf_counter() - started) / (len(prompts) * len(seeds))
-        baseline = next(iter(rows.values()))["rewards"] if rows else values["reward"]
-        delta = [a - b for a, b in zip(values["reward"], baseline)]
-        rows[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates,
-                      **{k: _mean(v) for k, v in values.items()}, "rewards": values["reward"],
-                      "reward_delta": _mean(delta), "reward_delta_sem": _sem(delta)}
-        print(f"  {name}: reward {rows[name]['reward']:.3f}, {seconds:.2f} s/video", flush=True)
-    return rows
+        out[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates, "records": records}
+        print(f"  {name}: {seconds:.2f} s/video", flush=True)
+    if strip_dir is not None:
+        save_strips(strip_dir, strips)
+    return out
 
 
-def _mean(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]  # metrics a prompt does not define are NaN
+def save_strips(strip_dir: Path, strips: dict) -> None:
+    """One PNG per prompt: every frame of the first seed's video, one row per method (in table order)."""
+    from PIL import Image
+
+    strip_dir.mkdir(parents=True, exist_ok=True)
+    for i, videos in enumerate(strips.values()):
+        rows = [torch.cat(list(frames), dim=1) for frames in videos]  # [H, T*W, 3] per method
+        Image.fromarray(torch.cat(rows, dim=0).numpy()).save(strip_dir / f"prompt-{i}.png")
+
+
+def composite(record: dict) -> float:
+    """One number per video in [0, 1] (mean of the defined terms): speed along the prompt against the
+    ground truth's 1.5 px/frame, closeness of the seam ratio to 1, square fill, no spurious blobs."""
+    terms = [min(max(record["signed_speed"] / 1.5, 0.0), 1.0) if not math.isnan(record["signed_speed"]) else None,
+             max(0.0, 1.0 - abs(record["seam_ratio"] - 1.0)) if not math.isnan(record["seam_ratio"]) else None,
+             record["square_fill"] if not math.isnan(record["square_fill"]) else None,
+             math.exp(-record["spurious_blobs"])]
+    terms = [t for t in terms if t is not None]
+    return sum(terms) / len(terms)
+
+
+def summarise(results: dict, resamples: int = 2000) -> dict:
+    """Means per method and metric, and paired bootstrap intervals of the comparisons."""
+    metrics = qm.METRICS + ("composite",)
+    for rows in results.values():
+        for r in rows["records"]:
+            r["composite"] = composite(r)
+    means = {}
+    for name, rows in results.items():
+        recs = rows["records"]
+        means[name] = {m: _nanmean([r[m] for r in recs]) for m in metrics}
+        routes = sum(r["routes"] for r in recs)
+        means[name]["append_share"] = sum(r["append"] for r in recs) / routes if routes else 0.0
+        means[name]["ema_share"] = sum(r["ema"] for r in recs) / routes if routes else 0.0
+    deltas = {}
+    for a, b in comparisons(list(results)):
+        per_metric = {}
+        for m in metrics:
+            by_prompt: dict[str, list[float]] = {}
+            for ra, rb in zip(results[a]["records"], results[b]["records"]):
+                assert (ra["prompt"], ra["seed"]) == (rb["prompt"], rb["seed"])
+                by_prompt.setdefault(ra["prompt"], []).append(ra[m] - rb[m])
+            per_metric[m] = qm.paired_bootstrap(by_prompt, resamples=resamples, seed=0)
+        deltas[f"{a} vs {b}"] = per_metric
+    return {"means": means, "deltas": deltas}
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
 
 
-def _sem(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-
-
-def table(rows: dict) -> str:
-    reward_terms = set(ProceduralVideoReward().terms)
-    metric_cols = [m for m in METRIC_NAMES]
-    heads = ["strategy", "cand./chunk", "s/video", "reward*", "Δ reward* vs none"] + [
-        m + ("*" if m in reward_terms else "") + (" (lower=better)" if m == "flicker" else "") for m in metric_cols]
+def tables(results: dict, summary: dict) -> str:
+    metrics = qm.METRICS + ("composite",)
+    arrow = {m: "↑" if qm.HIGHER_IS_BETTER.get(m, True) else "↓" for m in metrics}
+    arrow["seam_ratio"] = "→1"
+    heads = ["method", "cand./chunk", "s/video"] + [f"{m} {arrow[m]}" for m in metrics] + ["APPEND", "EMA"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for name, r in rows.items():
-        cells = [name, str(r["candidates"]), f"{r['seconds']:.2f}", f"{r['reward']:.3f}",
-                 f"{r['reward_delta']:+.3f} ± {r['reward_delta_sem']:.3f}"]
-        cells += [f"{r[m]:.3f}" for m in metric_cols]
+    for name, mean in summary["means"].items():
+        cells = [name, str(results[name]["candidates"]), f"{results[name]['seconds']:.2f}"]
+        cells += [f"{mean[m]:.3f}" for m in metrics]
+        cells += [f"{mean['append_share']:.0%}", f"{mean['ema_share']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (a - b, same prompts and seeds), mean [95 % interval, prompts resampled]; "
+              "** where the interval excludes 0:", ""]
+    heads = ["a vs b"] + list(metrics)
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for pair, per_metric in summary["deltas"].items():
+        cells = [pair]
+        for m in metrics:
+            mean, low, high = per_metric[m]
+            mark = "**" if low > 0 or high < 0 else ""
+            cells.append(f"{mark}{mean:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(rows: dict, args, prompts, seeds, num_chunks: int) -> str:
+def report(results, summary, args, prompts, seeds, num_chunks) -> str:
     version = importlib.metadata.version("streamt1-engine")
     cpu = platform.processor() or platform.machine()
-    setup = (f"streamt1-engine {version}, torch {torch.__version__}, Python {platform.python_version()}, "
-             f"CPU ({cpu}, {torch.get_num_threads()} threads), float32.  \n"
-             f"{len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks ({num_chunks * 3} frames, 32x32) "
-             f"per video; Stream-T1 with beam_size {BEAM}, top_k {TOP_K}, other knobs at the paper's defaults.")
-    rewards = ("Rewards given to the search: short-term `procedural_frame` (background, colour, shape, crispness "
-               "per frame), long-term and final pick `procedural_video` (those plus persistence and smoothness "
-               "over the window). Columns marked * are those reward terms (reward* is the `procedural_video` "
-               "score of the output; Δ is the paired difference to `none` over the same prompts and seeds, "
-               f"± standard error); held-out metrics, never seen by the search: {', '.join(HELD_OUT_TERMS)}. "
-               "All metrics are in [0, 1], higher is better, except flicker.")
-    command = f"python bench/bench_quality.py{' --quick' if args.quick else ''}"
-    return "\n".join([f"# Search quality on the embedded tiny model ({datetime.date.today().isoformat()})", "",
-                      f"Command: `{command}`  ", setup, "", rewards, "", table(rows), ""])
+    training = training_record(args.model)
+    setup = (f"Date {datetime.date.today().isoformat()}; streamt1-engine {version}, torch {torch.__version__}, "
+             f"Python {platform.python_version()}, CPU ({cpu}, {torch.get_num_threads()} threads), float32.  \n"
+             f"Model `{args.model}`; {len(prompts)} prompts x {len(seeds)} seeds (seeds {seeds[0]}..{seeds[-1]}), "
+             f"{num_chunks} chunks per video; Stream-T1 beam_size {BEAM}, top_k {TOP_K}, "
+             f"search overrides {overrides(args) or 'none (paper defaults)'}.")
+    command = "python bench/bench_quality.py " + " ".join(args.argv)
+    parts = [f"# Quality bench v2 ({datetime.date.today().isoformat()})", "", f"Command: `{command.strip()}`  ", setup]
+    if training:
+        parts += ["", f"Training record of the weights: `{json.dumps(training)}`"]
+    return "\n".join(parts + ["", tables(results, summary), ""])
 
 
-def main(argv=None) -> dict:
+def training_record(source: str) -> dict | None:
+    """The ``training`` entry of the model dir's streamt1.json (the embedded weights for "tiny")."""
+    from streamt1_engine.tiny.model import ASSET_DIR
+
+    path = ASSET_DIR if source == "tiny" else Path(source)
+    config = path / "streamt1.json"
+    return json.loads(config.read_text()).get("training") if config.is_file() else None
+
+
+def overrides(args) -> dict:
+    return {k: v for k, v in (("short_threshold", args.short_threshold), ("long_threshold", args.long_threshold),
+                              ("ema_alpha", args.ema_alpha)) if v is not None}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--v1" in argv:
+        import bench_quality_v1
+
+        return bench_quality_v1.main([a for a in argv if a != "--v1"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", "--tiny", action="store_true", help="seconds-long smoke run (CI)")
+    parser.add_argument("--tiny", "--quick", action="store_true", help="seconds-long smoke run (CI)")
     parser.add_argument("--model", default="tiny", help="model source (default: the embedded tiny model)")
-    parser.add_argument("--chunks", type=int, default=None, help="chunks per video (default 8, quick 2)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="markdown file to write (default: bench/results/quality-<date>.md; none in quick mode)")
+    parser.add_argument("--prompts", type=int, default=None, help="first N held-out prompts (default 12, tiny 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="first N seeds (default 4, tiny 2)")
+    parser.add_argument("--chunks", type=int, default=None, help="chunks per video (default 12, tiny 3)")
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of the method names")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: a tiny model gains nothing from more, and a busy CPU loses)")
+    parser.add_argument("--short-threshold", type=float, default=None)
+    parser.add_argument("--long-threshold", type=float, default=None)
+    parser.add_argument("--ema-alpha", type=float, default=None)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="write quality-v2-<date>.md/.json and frame strips here (default bench/results; "
+                             "none with --tiny)")
+    parser.add_argument("--name", default=None, help="file stem (default quality-v2-<date>)")
     args = parser.parse_args(argv)
-    prompts, seeds = (PROMPTS[:1], SEEDS[:1]) if args.quick else (PROMPTS, SEEDS)
-    num_chunks = args.chunks or (2 if args.quick else 8)
+    args.argv = argv
+    torch.set_num_threads(args.threads)
+    prompts = PROMPTS[:args.prompts or (2 if args.tiny else len(PROMPTS))]
+    seeds = SEEDS[:args.seeds or (2 if args.tiny else len(SEEDS))]
+    num_chunks = args.chunks or (3 if args.tiny else 12)
+    check_disjoint(prompts, seeds)
+    names = args.methods or (["none", f"best_of_n (n={BEAM * TOP_K})", FULL] if args.tiny else None)
+    table = methods(overrides(args), names)
     engine = StreamT1Engine.from_pretrained(args.model, device="cpu")
+    out_dir = args.out_dir if args.out_dir is not None or args.tiny else Path(__file__).parent / "results"
+    stem = args.name or f"quality-v2-{datetime.date.today().isoformat()}"
     print(f"model {engine.name}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks", flush=True)
-    rows = run(engine, strategies(args.quick), prompts, seeds, num_chunks)
-    text = report(rows, args, prompts, seeds, num_chunks)
+    results = run(engine, table, prompts, seeds, num_chunks, out_dir / f"{stem}-strips" if out_dir else None)
+    summary = summarise(results, args.resamples)
+    text = report(results, summary, args, prompts, seeds, num_chunks)
     print(text)
-    out = args.out
-    if out is None and not args.quick:
-        out = Path(__file__).parent / "results" / f"quality-{datetime.date.today().isoformat()}.md"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-    return rows
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.md").write_text(text)
+        (out_dir / f"{stem}.json").write_text(json.dumps({"command": "python bench/bench_quality.py " + " ".join(argv),
+                                                          "results": results, "summary": summary}, indent=1) + "\n")
+        print(f"wrote {out_dir / stem}.md/.json")
+    return {"results": results, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -25,13 +25,17 @@ VAE_FACTOR = 4
 FPS = 8
 
 
-def tiny_wan_config() -> WanConfig:
-    return WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=3, in_channels=48, out_channels=48,
-                     text_dim=64, text_len=16, freq_dim=64)
+def tiny_wan_config(dim: int = 256, ffn_dim: int = 512, num_heads: int = 4, num_layers: int = 3,
+                    vae_factor: int = VAE_FACTOR) -> WanConfig:
+    """The shipped shapes by default; wider/deeper or other VAE factors for training experiments."""
+    channels = 3 * vae_factor * vae_factor
+    return WanConfig(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=num_layers, in_channels=channels,
+                     out_channels=channels, text_dim=64, text_len=16, freq_dim=64)
 
 
-def tiny_stream_config() -> StreamConfig:
-    latent = FRAME_SIZE // VAE_FACTOR
+def tiny_stream_config(frame_size: int = FRAME_SIZE, vae_factor: int = VAE_FACTOR) -> StreamConfig:
+    require(frame_size % (2 * vae_factor) == 0, f"frame size {frame_size} must be a multiple of 2 x {vae_factor}")
+    latent = frame_size // vae_factor
     # 3 sink + 9 cached + own 3 frames: the extent the shipped weights were trained and evaluated with
     return StreamConfig(num_frame_per_block=3, local_attn_size=15, sink_size=3, max_sink_size=9,
                         latent_height=latent, latent_width=latent)
@@ -58,12 +62,18 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return frames
 
 
-def teacher_forcing_mask(num_frames: int, chunk_frames: int, frame_tokens: int, device=None) -> torch.Tensor:
+def teacher_forcing_mask(num_frames: int, chunk_frames: int, frame_tokens: int, device=None,
+                         window_chunks: int | None = None) -> torch.Tensor:
     """bool [2L, 2L] over [clean frames | noisy frames]: clean frames attend block-causally among clean
-    frames; each noisy chunk attends to the clean chunks before it and to itself."""
+    frames; each noisy chunk attends to the clean chunks before it and to itself. With ``window_chunks``
+    a chunk sees only the first chunk (the sink) and the ``window_chunks`` chunks before it, as at
+    inference (clips longer than the window)."""
     chunk = torch.arange(num_frames, device=device) // chunk_frames
     clean_clean = chunk[None, :] <= chunk[:, None]
     noisy_clean = chunk[None, :] < chunk[:, None]
+    if window_chunks is not None:
+        seen = (chunk[None, :] == 0) | (chunk[None, :] >= chunk[:, None] - window_chunks)
+        clean_clean, noisy_clean = clean_clean & seen, noisy_clean & seen
     noisy_noisy = chunk[None, :] == chunk[:, None]
     top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
     bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
@@ -86,13 +96,19 @@ class TinyModel:
         return (self.stream.latent_height // ph) * (self.stream.latent_width // pw)
 
 
-def build_tiny_model(dit_config: WanConfig | None = None, text_config: dict | None = None, seed: int | None = None):
-    """A randomly initialised model of the shipped shapes (training start, and the tests' baseline)."""
+def build_tiny_model(dit_config: WanConfig | None = None, text_config: dict | None = None, seed: int | None = None,
+                     frame_size: int = FRAME_SIZE):
+    """A randomly initialised model of the shipped shapes (training start, and the tests' baseline); the
+    VAE factor follows the DiT's channels (3 x factor^2)."""
     if seed is not None:
         torch.manual_seed(seed)
-    dit = CausalWanDiT(dit_config or tiny_wan_config())
+    dit_config = dit_config or tiny_wan_config()
+    factor = round((dit_config.in_channels / 3) ** 0.5)
+    require(3 * factor * factor == dit_config.in_channels, "a tiny DiT has 3 x factor^2 input channels")
+    dit = CausalWanDiT(dit_config)
     text_encoder = TinyTextEncoder(**(text_config or {}))
-    return TinyModel(dit, text_encoder, space_to_depth_vae(), tiny_stream_config(), tiny_sampler_config(), {})
+    return TinyModel(dit, text_encoder, space_to_depth_vae(factor), tiny_stream_config(frame_size, factor),
+                     tiny_sampler_config(), {})
 
 
 def load_tiny_model(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> TinyModel:

@@ -121,6 +121,7 @@ def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_obje
     signal when it starts from pure noise, so "starts at the left edge" is a prior it cannot learn,
     while "somewhere" it can."""
     background = rng.choice(BACKGROUND_COLOURS)
+    scale = min(width, height) / 32  # sizes and speeds are drawn for 32x32 frames
     count = 2 if rng.random() < two_object_prob else 1
     objects: list[ObjectSpec] = []
     for _ in range(count):
@@ -128,8 +129,8 @@ def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_obje
         colour = rng.choice([c for c in OBJECT_COLOURS if c not in taken])
         shape = rng.choice(SHAPES)
         direction = rng.choice(tuple(DIRECTIONS))
-        size = rng.uniform(4.75, 5.75)
-        speed = rng.uniform(1.25, 1.75)
+        size = rng.uniform(4.75, 5.75) * scale
+        speed = rng.uniform(1.25, 1.75) * scale
         dx, dy = DIRECTIONS[direction]
         along_extent, across_extent = (width, height) if dx else (height, width)
         room = room_steps * speed
@@ -141,6 +142,24 @@ def random_scene(rng: random.Random, width: int = 32, height: int = 32, two_obje
         change = rng.randrange(3, 12) if rng.random() < speed_change_prob else 10 ** 6
         objects.append(ObjectSpec(colour, shape, direction, size, start, speed, change, rng.choice((0.5, 1.5))))
     return SceneSpec(background, objects)
+
+
+# Scenes never drawn for training when ``hold_out`` is on (no object of a training scene has one of these
+# colour/shape/direction/background combinations), so benchmarks can ask for prompts the model never saw.
+# Every colour, shape, direction and background still occurs in training, only not in these combinations.
+HELD_OUT_SCENES = (
+    ("red", "square", "right", "black"), ("green", "circle", "up", "gray"), ("blue", "triangle", "left", "white"),
+    ("yellow", "circle", "down", "purple"), ("purple", "square", "left", "gray"), ("cyan", "square", "up", "white"),
+    ("white", "triangle", "down", "blue"), ("red", "triangle", "up", "green"), ("green", "square", "down", "black"),
+    ("yellow", "triangle", "right", "blue"), ("cyan", "circle", "right", "purple"),
+    ("white", "square", "left", "green"),
+)
+HELD_OUT_PROMPTS = tuple(f"a {c} {s} moving {d} on a {b} background" for c, s, d, b in HELD_OUT_SCENES)
+
+
+def is_held_out(scene: SceneSpec) -> bool:
+    """Some object of ``scene`` has one of the held-out combinations (such scenes are not trained on)."""
+    return any((o.colour, o.shape, o.direction, scene.background) in HELD_OUT_SCENES for o in scene.objects)
 
 
 def render(scene: SceneSpec, times: torch.Tensor, width: int = 32, height: int = 32):
@@ -164,10 +183,14 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def make_sample(seed: int, index: int, num_frames: int = 12, width: int = 32, height: int = 32,
-                times: torch.Tensor | None = None, two_object_prob: float = 0.3) -> ProceduralSample:
-    """Sample ``index`` of the stream with ``seed``: always the same scene, prompt and frames."""
+                times: torch.Tensor | None = None, two_object_prob: float = 0.3,
+                hold_out: bool = False) -> ProceduralSample:
+    """Sample ``index`` of the stream with ``seed``: always the same scene, prompt and frames. With
+    ``hold_out`` a held-out scene is redrawn from the same generator (other samples stay as they were)."""
     rng = random.Random(sample_seed(seed, index))
     scene = random_scene(rng, width, height, two_object_prob=two_object_prob)
+    while hold_out and is_held_out(scene):
+        scene = random_scene(rng, width, height, two_object_prob=two_object_prob)
     if times is None:
         times = torch.arange(num_frames)
     frames, positions, visible = render(scene, times, width, height)
@@ -202,14 +225,15 @@ class ProceduralVideos:
     """An endless, deterministic stream of procedural samples (``videos[i]``) and training batches."""
 
     def __init__(self, seed: int = 0, num_frames: int = 12, width: int = 32, height: int = 32,
-                 two_object_prob: float = 0.3):
+                 two_object_prob: float = 0.3, hold_out: bool = False):
         require(num_frames >= 1, "num_frames must be >= 1")
         self.seed, self.num_frames, self.width, self.height = seed, num_frames, width, height
         self.two_object_prob = two_object_prob
+        self.hold_out = hold_out
 
     def __getitem__(self, index: int) -> ProceduralSample:
         return make_sample(self.seed, index, self.num_frames, self.width, self.height,
-                           two_object_prob=self.two_object_prob)
+                           two_object_prob=self.two_object_prob, hold_out=self.hold_out)
 
     def streaming_batch(self, start: int, batch: int, num_chunks: int, chunk_frames: int, gap_prob: float = 0.5):
         """Frames [B, T, 3, H, W], prompts and frame times [B, T] of samples ``start .. start + batch - 1``."""
@@ -218,7 +242,7 @@ class ProceduralVideos:
             rng = random.Random(sample_seed(self.seed, index) ^ 0x5EED)
             t = streaming_times(rng, num_chunks, chunk_frames, gap_prob=gap_prob)
             s = make_sample(self.seed, index, width=self.width, height=self.height, times=t,
-                            two_object_prob=self.two_object_prob)
+                            two_object_prob=self.two_object_prob, hold_out=self.hold_out)
             frames.append(s.frames)
             prompts.append(s.prompt)
             times.append(t)

@@ -100,14 +100,32 @@ class ProceduralVideoReward(ProceduralPromptReward):
         super().__init__(VIDEO_TERMS, name="procedural_video")
 
 
+MOTION_SHARE = 0.25  # share of the motion verifier in "procedural_video_motion"
+
+
+def video_motion_reward():
+    """Long-term reward that also checks the prompted motion: 0.75 x procedural_video + 0.25 x
+    procedural_motion (still in [0, 1])."""
+    from ..rewards.base import WeightedSum
+    from .motion_reward import ProceduralMotionReward
+
+    return WeightedSum([(ProceduralVideoReward(), 1 - MOTION_SHARE), (ProceduralMotionReward(), MOTION_SHARE)],
+                       name="procedural_video_motion")
+
+
 def _register() -> None:
-    """Let reward specs name these ("procedural_frame", "procedural_video"), e.g. in the model's config."""
+    """Let reward specs name these ("procedural_frame", "procedural_video", "procedural_motion",
+    "procedural_video_motion"), e.g. in the model's config."""
     try:
         from ..rewards import register_reward
     except ImportError:
         return
+    from .motion_reward import ProceduralMotionReward
+
     register_reward("procedural_frame", ProceduralFrameReward)
     register_reward("procedural_video", ProceduralVideoReward)
+    register_reward("procedural_motion", ProceduralMotionReward)
+    register_reward("procedural_video_motion", video_motion_reward)
 
 
 _register()
