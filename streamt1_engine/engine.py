@@ -646,13 +646,15 @@ class StreamT1Engine:
         a.final_status = "stopped" if handle.stop_requested else "finished"
         self._release(a)
 
-    def _release(self, a: "_Active") -> None:
+    def _release(self, a: "_Active", mark: bool = True) -> None:
         if a.runner is not None:
             a.runner.release()
+        a.pages_returned = True
         with self._lock:
             self._scheduler.finish(a.handle.request_id)
             self._wakeup.notify_all()
-        a.handle.mark_released()
+        if mark:
+            a.handle.mark_released()
 
     def _boundary(self, active: dict) -> None:
         """Between chunk steps: cancels, failures, early stops, and chunks moved to the consumers' queues."""
@@ -686,8 +688,9 @@ class StreamT1Engine:
         self._end(active, a, "failed", exc)
 
     def _end(self, active: dict, a: "_Active", status: str, error: BaseException | None = None) -> None:
-        if not a.handle.released:
-            self._release(a)
+        """The stream is over: pages back (if not yet), counted, the consumer told, then a waiting cancel()."""
+        if not a.pages_returned:
+            self._release(a, mark=False)
         active.pop(a.handle.request_id, None)
         with self._lock:
             self._handles.pop(a.handle.request_id, None)
@@ -695,6 +698,7 @@ class StreamT1Engine:
                    "failed": "streams_failed"}[status]
             self._counts[key] += 1
         a.handle.end(status, error)
+        a.handle.mark_released()
 
     # -- the single-stream API on top of submit() -----------------------------------------------------
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
@@ -766,6 +770,7 @@ class _Active:
     final_status: str = "finished"
     error: BaseException | None = None
     switched_at: set = field(default_factory=set)
+    pages_returned: bool = False
 
 def _to_stream_chunk(node) -> StreamChunk:
     latents = node.latents.float().cpu()
