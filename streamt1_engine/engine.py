@@ -422,10 +422,6 @@ class StreamT1Engine:
             self._wakeup.notify_all()
 
     # -- the worker ---------------------------------------------------------------------------------
-    @property
-    def _worker(self):
-        return self._worker_thread
-
     def _work(self) -> None:
         active: dict[str, _Active] = {}
         idle_since = None

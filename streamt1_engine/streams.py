@@ -43,6 +43,9 @@ class _Progress:
 
 
 class StreamHandle:
+    """What ``engine.submit`` returns: the stream's status, records and run record, its final chunks as they
+    come (``chunks``, ``result``) and the caller's controls (``cancel``, ``stop``, ``switch_prompt``)."""
+
     def __init__(self, engine, request: StreamRequest, info: dict | None = None):
         self._engine = engine
         self.request = request

@@ -149,6 +149,19 @@ def test_fixed_pool_makes_the_next_stream_wait_not_fail(alone):
         engine.close()
 
 
+def test_a_stream_of_another_frame_size_waits_for_an_empty_pool(engine):
+    wide_alone = engine.generate("a wide stream", num_chunks=2, seed=4, height=16, width=48)
+    first = engine.submit("the first stream", num_chunks=4, seed=1, max_buffered_chunks=1)
+    next(first.chunks(timeout=300))  # running, paused at its bound
+    wide = engine.submit("a wide stream", num_chunks=2, seed=4, height=16, width=48)
+    time.sleep(0.2)
+    assert wide.status == "queued" and first.status == "running"
+    list(first.chunks(timeout=300))
+    got = wide.result(timeout=300)
+    assert torch.equal(got.frames, wide_alone.frames) and got.frames.shape[1:3] == (16, 48)
+    assert_pool_empty(engine)
+
+
 def test_a_failing_stream_fails_alone(engine, alone):
     def broken(frames, prompt):
         raise ValueError("reward model crashed")
