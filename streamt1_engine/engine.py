@@ -366,7 +366,9 @@ class StreamT1Engine:
 
     async def astream(self, prompt: str, **options):
         """``async for chunk in engine.astream(prompt, ...)``: the options of ``submit``. The stream is cancelled
-        (its pages freed) when the consumer stops iterating, closes the generator or is cancelled."""
+        when the consumer stops: closed with ``aclose()`` / ``contextlib.aclosing`` (also when its task is
+        cancelled), its pages are free when that returns; a generator merely dropped is closed by the event
+        loop's finaliser, and its stream cancelled at the worker's next chunk boundary."""
         import asyncio
 
         handle = self.submit(prompt, **options)

@@ -257,21 +257,33 @@ def test_astream_cancelled_consumer_frees_the_pages_at_once(engine):
 
 
 def test_astream_task_cancel_frees_the_pages(engine):
-    async def main():
+    """A cancelled consumer task: with ``aclosing`` the pages are free when the task ends; a generator just
+    dropped is closed by the event loop's finaliser and its stream cancelled at the worker's next boundary."""
+    import contextlib
+
+    async def main(closing: bool):
         started = asyncio.Event()
 
         async def consume():
-            async for _ in engine.astream("a blue square", num_chunks=6, seed=2):
-                started.set()
-                await asyncio.sleep(60)
+            stream = engine.astream("a blue square", num_chunks=20, seed=2, max_buffered_chunks=1)
+            async with (contextlib.aclosing(stream) if closing else contextlib.nullcontext(stream)) as chunks:
+                async for _ in chunks:
+                    started.set()
+                    await asyncio.sleep(60)
 
         task = asyncio.create_task(consume())
         await started.wait()
+        assert engine.stats()["pages_in_use"] > 0
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        return engine.stats()["pages_in_use"]
 
-    asyncio.run(main())
+    assert asyncio.run(main(closing=True)) == 0
+    asyncio.run(main(closing=False))
+    deadline = time.monotonic() + 60
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine.stats()["pages_in_use"] == 0 and engine.stats()["running"] == 0
 
 
