@@ -78,6 +78,10 @@ class EagerDenoiser:
     def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0):
         self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
 
+    def set_text(self, text) -> None:
+        """Denoise the following chunks against another prompt (as ``GraphedDenoiser.set_text``)."""
+        self.text = text
+
     def denoise(self, noise: ChunkNoise, attn, text=None) -> torch.Tensor:
         """``text``: this call's prompt context (B = 1 or one row per candidate); None: the one given at init."""
         return denoise_chunk(self.model, self.schedule, noise, self.text if text is None else text, attn)
