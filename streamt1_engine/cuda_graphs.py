@@ -85,7 +85,7 @@ class GraphedDenoiser:
             capture = CudaGraphCapture(pool.k.device)
         require(warmup_iters >= 1, "CUDA graph capture needs at least one warm-up iteration")
         self.model, self.schedule = model, schedule
-        self._pool = weakref.ref(pool)  # a new pool must be freeable before it is allocated (engine._cache_for)
+        self._pool = weakref.ref(pool)  # a new pool must be freeable before it is allocated (engine._ensure_pool)
         self.context_timestep = context_timestep
         self.warmup_iters = warmup_iters
         self.device = pool.k.device

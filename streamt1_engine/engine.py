@@ -401,6 +401,13 @@ class StreamT1Engine:
         if worker is not None and worker is not threading.current_thread():
             worker.join()
 
+    def free_pool(self) -> None:
+        """Drop the KV pool and the CUDA graphs while no stream runs (the next stream allocates a new pool)."""
+        with self._lock:
+            require(not self._scheduler.running and not self._scheduler.queued,
+                    "the KV pool is in use by running or queued streams")
+            self._blocks = self._graphed = self._scratch_page = self._blocks_key = None
+
     def _check_prompt(self, prompt) -> None:
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
         require_text(prompt, "prompt")
