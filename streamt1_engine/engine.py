@@ -147,6 +147,7 @@ class StreamT1Engine:
         self.backend = resolve_backend(attention_backend, self.device)
         require(model.config == config.model, "model config does not match the engine config")
         self.model = model.to(self.device, self.dtype).eval()
+        self.model.batch_invariant = True  # several streams share a forward; each must equal itself alone
         self.text_encoder, self.vae = text_encoder, vae
         self.config, self.fps, self.name = config, fps, name
         self.default_rewards = default_rewards or {}

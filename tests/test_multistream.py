@@ -402,6 +402,7 @@ def test_padded_bucket_batches_replay_graphs_and_equal_the_eager_rows():
     from streamt1_engine.search.executor import ContextWork, DenoiseWork, run_batched
 
     model = tiny_model(in_channels=12, out_channels=12)
+    model.batch_invariant = True  # as the engine sets it: dummy rows must not change the real rows' bits
     stream = StreamConfig.tiny()
     schedule = make_schedule(SamplerConfig())
     page_tokens = PagedKVCache(model.config, stream, 1, "cpu", torch.float32).page_tokens
@@ -473,3 +474,22 @@ def test_engine_graph_path_pads_batches_to_buckets_and_equals_eager(alone, monke
         assert engine.stats()["pages_in_use"] == 0
     finally:
         engine.close()
+
+
+def test_batch_invariant_model_rows_equal_each_row_alone():
+    from helpers import text_context, tiny_model
+    from streamt1_engine.model.wan import ChunkAttention, TextContext
+
+    model = tiny_model(in_channels=12, out_channels=12)
+    model.batch_invariant = True
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 12, 3, 4, 6, generator=g)
+    t = torch.tensor([900.0, 700.0, 700.0, 300.0, 50.0])
+    texts = [text_context(model, seed=s) for s in range(5)]
+    batch_text = TextContext([(torch.cat([tx.kv[i][0] for tx in texts]), torch.cat([tx.kv[i][1] for tx in texts]))
+                              for i in range(len(texts[0].kv))])
+    with torch.inference_mode():
+        batched = model(x, t, batch_text, ChunkAttention.dense(5, "cpu"))
+        for row in range(5):
+            alone = model(x[row:row + 1], t[row:row + 1], texts[row], ChunkAttention.dense(1, "cpu"))
+            assert torch.equal(batched[row:row + 1], alone), f"row {row}"

@@ -281,6 +281,9 @@ class CausalWanDiT(nn.Module):
         self.head = WanHead(cfg)
         self._max_frames = max_frames
         self._rope: Rope3D | None = None
+        # CPU: the timestep MLP and the patch convolution run per row, so a row's result does not depend on the
+        # other rows of its forward (the engine sets it: several streams batched must equal each stream alone)
+        self.batch_invariant = False
 
     @property
     def rope(self) -> Rope3D:
@@ -312,7 +315,7 @@ class CausalWanDiT(nn.Module):
         grid_h, grid_w = height // ph, width // pw
         dtype = self.patch_embedding.weight.dtype
         glue = glue_backend(attn)
-        if glue == "torch" and latents.device.type == "cpu" and n > 1:
+        if glue == "torch" and self._per_row(latents.device, n):
             # one row at a time: the CPU convolution's bits depend on the batch size (see ``_timestep_mlp``)
             x = torch.cat([self.patch_embedding(row.to(dtype)) for row in latents.split(1)]).flatten(2).transpose(1, 2)
         elif glue == "torch":
@@ -342,15 +345,18 @@ class CausalWanDiT(nn.Module):
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_channels, frames * pt, height, width)
         return out
 
+    def _per_row(self, device: torch.device, rows: int) -> bool:
+        return self.batch_invariant and device.type == "cpu" and rows > 1
+
     def _timestep_mlp(self, t_flat: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timestep embedding and its six block modulations. On CPU one row at a time: GEMMs of a few rows pick
-        kernels by the row count, so a batched call would make a candidate's bits depend on how many others
-        share its forward (several streams batched must equal each alone); the token GEMMs are not affected."""
+        """Timestep embedding and its six block modulations. With ``batch_invariant`` on CPU one row at a time:
+        GEMMs of a few rows pick kernels by the row count, so a batched call would make a candidate's bits
+        depend on how many others share its forward; the token GEMMs (many rows) are not affected."""
         def mlp(t):
             e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(dtype))
             return e, self.time_projection(e)
 
-        if t_flat.device.type != "cpu" or t_flat.shape[0] == 1:
+        if not self._per_row(t_flat.device, t_flat.shape[0]):
             return mlp(t_flat)
         rows = [mlp(t_flat[i:i + 1]) for i in range(t_flat.shape[0])]
         return torch.cat([e for e, _ in rows]), torch.cat([p for _, p in rows])
