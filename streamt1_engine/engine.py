@@ -3,12 +3,14 @@ optional Stream-T1 search. Everything heavy lives elsewhere; this module validat
 pieces together and keeps the run record."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -169,6 +171,7 @@ class StreamT1Engine:
         self._worker_thread: threading.Thread | None = None
         self._closed = False
         self._counts = dict(chunks_done=0, frames_done=0, streams_finished=0, streams_cancelled=0, streams_failed=0)
+        _LIVE_ENGINES.add(self)
         require(memory_limit in ("auto", None) or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool)
                                                    and memory_limit > 0),
                 f"memory_limit must be 'auto', None or a positive number of bytes, got {memory_limit!r}")
@@ -754,6 +757,14 @@ class StreamT1Engine:
 
 
 WORKER_IDLE_EXIT_S = 2.0  # an idle worker thread ends; the next submit starts another
+_LIVE_ENGINES: "weakref.WeakSet[StreamT1Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines_at_exit() -> None:
+    """A worker thread still inside a forward when the interpreter tears down aborts the process: stop them."""
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
 
 
 def _page_key(stream_cfg: StreamConfig) -> tuple:

@@ -493,3 +493,16 @@ def test_batch_invariant_model_rows_equal_each_row_alone():
         for row in range(5):
             alone = model(x[row:row + 1], t[row:row + 1], texts[row], ChunkAttention.dense(1, "cpu"))
             assert torch.equal(batched[row:row + 1], alone), f"row {row}"
+
+
+def test_interpreter_exit_with_a_running_stream_is_clean():
+    """A worker thread left inside a forward at interpreter exit used to abort the process (C++ terminate)."""
+    import subprocess
+    import sys
+
+    script = ("import time\nfrom streamt1_engine import StreamT1Engine\n"
+              "engine = StreamT1Engine.from_pretrained('random-tiny', device='cpu')\n"
+              "handle = engine.submit('a stream nobody reads', num_chunks=50, max_buffered_chunks=60)\n"
+              "time.sleep(0.3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
