@@ -539,7 +539,9 @@ class StreamT1Engine:
                                   seed=req.seed, latent_shape=latent_shape, short_reward=short, long_reward=long,
                                   attention_backend=self.backend, hooks=a.timer,
                                   context_timestep=self.config.sampler.context_timestep,
-                                  denoiser=self._batch_denoiser(text))
+                                  # the engine runs the DiT work itself (batched); this one serves a direct step()
+                                  denoiser=EagerDenoiser(self.model, self.schedule, text,
+                                                         self.config.sampler.context_timestep))
             a.runner.records = handle.records
             handle.set_status("running")
         except Exception as exc:  # noqa: BLE001 - this stream fails, the others go on
@@ -555,7 +557,7 @@ class StreamT1Engine:
                 works[a] = next(gens[a])
             except Exception as exc:  # noqa: BLE001
                 self._fail_soon(a, self._map_error(a, exc))
-        for _phase in ("denoise", "context_pass"):
+        for phase in ("denoise", "context_pass"):
             batch = [a for a in ready if a in works]
             if not batch:
                 return
@@ -564,7 +566,7 @@ class StreamT1Engine:
             pad = batch_bucket(rows) if self.cuda_graphs and len(batch) > 1 else None
             started = time.perf_counter()
             try:
-                with batch[0].timer.range(_phase):  # one profiler range per batched call
+                with batch[0].timer.range(phase):  # one profiler range per batched call
                     results = run_batched(denoiser, [works[a] for a in batch], pad_to=pad,
                                           scratch_page=self._scratch_page)
             except Exception as exc:  # noqa: BLE001 - the batched forward failed: every stream in it fails
@@ -574,8 +576,8 @@ class StreamT1Engine:
             seconds = time.perf_counter() - started
             for i, (a, result) in enumerate(zip(batch, results)):
                 if i:  # every stream of the batch waited for the whole call
-                    a.timer.seconds[_phase] += seconds
-                    a.timer.calls[_phase] += 1
+                    a.timer.seconds[phase] += seconds
+                    a.timer.calls[phase] += 1
                 try:
                     works[a] = gens[a].send(result)
                 except StopIteration as done:
