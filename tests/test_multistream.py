@@ -111,6 +111,25 @@ def test_streams_joining_and_leaving_keep_memory_flat_over_40_chunks(batch_sizes
     engine.close()
 
 
+def test_the_pool_grows_mid_stream_without_changing_the_running_stream(alone):
+    engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu")
+    joined, totals = [], []
+
+    def join_at_chunk_two(handle, index, record):
+        totals.append(engine.stats()["pages_total"])
+        if index == 1:  # a second stream arrives while this one is mid-way: the pool grows at the boundary
+            joined.append(engine.submit(**REQUESTS[0]))
+
+    try:
+        first = engine.submit(**REQUESTS[2], callback_on_chunk_end=join_at_chunk_two)
+        assert_same(alone[2], first.result(timeout=300))
+        assert_same(alone[0], joined[0].result(timeout=300))
+        assert totals[-1] > totals[0], "the pool must have grown while the first stream ran"
+        assert_pool_empty(engine)
+    finally:
+        engine.close()
+
+
 def test_full_queue_refuses_with_one_clear_error():
     engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu", max_streams=1, max_queue=1)
     try:
