@@ -74,10 +74,10 @@ def memory_over_stream(args, mode: str) -> tuple[list[dict], dict]:
     rows = []
 
     def record(done, total):
-        cache = engine._cache  # bench-only peek at the pool the run uses
+        pages = engine.stats()  # the shared pool; this run is its only stream
         common.synchronize(args.device)
-        rows.append(dict(mode=mode, chunk=done, pages_in_use=cache.pool.num_pages - cache.num_free,
-                         pool_pages=cache.pool.num_pages, allocated_mib=common.mib(common.current_bytes(args.device)),
+        rows.append(dict(mode=mode, chunk=done, pages_in_use=pages["pages_in_use"],
+                         pool_pages=pages["pages_total"], allocated_mib=common.mib(common.current_bytes(args.device)),
                          peak_mib=common.mib(common.peak_bytes(args.device))))
 
     common.reset_peak(args.device)

@@ -693,7 +693,7 @@ def main(argv=None):
     ours_s, ours = common.wall_seconds(
         lambda: engine.generate(PROMPT, num_chunks=args.chunks, seed=args.seed, search=search), args.device)
     ours_peak = common.peak_bytes(args.device)
-    engine._cache = engine._graphed = None  # give the reference run the memory our pool held
+    engine.free_pool()  # give the reference run the memory our pool held
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
     common.reset_peak(args.device)
