@@ -158,14 +158,20 @@ def test_four_concurrent_streams_bad_requests_and_a_disconnect(engine):
         asyncio.run(leave_after_first_chunk())
         assert wait_until(lambda: engine.stats()["streams_cancelled"] > cancelled_before, 10)
         assert wait_until(lambda: engine.stats()["pages_in_use"] == 0, 10), engine.stats()
+        with pytest.raises(httpx.ReadTimeout):  # a POST client that gives up waiting
+            httpx.post(server.url + "/v1/generate", json=dict(prompt=PROMPT, num_chunks=40, seed=8),
+                       timeout=httpx.Timeout(10, read=0.3))
+        assert wait_until(lambda: engine.stats()["streams_cancelled"] > cancelled_before + 1, 10)
+        assert wait_until(lambda: engine.stats()["pages_in_use"] == 0, 10), engine.stats()
         assert engine.stats()["running"] == 0 and engine.stats()["queued"] == 0
 
         metrics = httpx.get(server.url + "/metrics").text
         assert metric_value(metrics, "streamt1_requests_total", transport="websocket", outcome="finished") == 3
         assert metric_value(metrics, "streamt1_requests_total", transport="http", outcome="finished") == 1
         assert metric_value(metrics, "streamt1_requests_total", transport="http", outcome="invalid") == len(bad) + 3
-        assert wait_until(lambda: metric_value(httpx.get(server.url + "/metrics").text, "streamt1_requests_total",
-                                               transport="websocket", outcome="disconnected") == 1, 5)
+        for transport in ("websocket", "http"):
+            assert wait_until(lambda: metric_value(httpx.get(server.url + "/metrics").text, "streamt1_requests_total",
+                                                   transport=transport, outcome="disconnected") == 1, 5), transport
         assert metric_value(metrics, "streamt1_kv_pages_in_use") == 0
         assert metric_value(metrics, "streamt1_streams_in_flight") == 0
         assert metric_value(metrics, "streamt1_chunks_sent_total") >= 4 * 3 + 1
@@ -220,6 +226,8 @@ def test_busy_server_answers_429_and_websocket_refusals(engine):
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
         assert refused == {"type": "error", "status": 429, "error": refused["error"]} and "busy" in refused["error"]
         assert closed.rcvd.code == 4429
+        # the holder's slot comes back once the server has seen it leave
+        assert wait_until(lambda: httpx.get(server.url + "/health").json()["streams_in_flight"] == 0, 10)
 
         async def refusal(message):
             async with connect(server.ws_url + "/v1/stream") as ws:

@@ -117,6 +117,7 @@ def test_page_renders_the_form_and_the_stream_path(engine):
 def test_page_plays_a_stream_in_headless_chromium(engine, browser, tmp_path):
     app = create_app(engine, ServerLimits(max_streams=2))
     with LoopbackServer(app) as server:
+        browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
         browser.call("Page.navigate", url=server.url + "/")
         assert browser.wait_for("document.readyState === 'complete' && !!document.getElementById('start')", 20)
         browser.evaluate("""(() => {

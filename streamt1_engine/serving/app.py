@@ -235,6 +235,8 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
             if outcome in ("finished", "stopped"):
                 await ws.send_json({"type": "done", "status": outcome, "record": await final_record(handle)})
                 await ws.close(1000)
+            elif outcome == "failed":
+                await _refuse(ws, None, ApiError(500, f"stream ended {handle.status}"))
         except (WebSocketDisconnect, RuntimeError, OSError):
             outcome = "disconnected"
         except Exception as exc:
