@@ -97,6 +97,7 @@ class GraphedDenoiser:
         self._warned: set[str] = set()
         self._rope = None
         self._text: TextContext | None = None
+        self._text_source: TextContext | None = None  # the context last given to set_text
         self.set_text(text)
 
     @property
@@ -107,6 +108,7 @@ class GraphedDenoiser:
     # -- static state -----------------------------------------------------------------------------
     def set_text(self, text: TextContext) -> None:
         """Make the graphs read ``text``: an in-place copy when the shapes match, else drop all graphs."""
+        self._text_source = text
         with torch.inference_mode():
             if self._text is not None and _same_shapes(self._text, text):
                 for (k_static, v_static), (k, v) in zip(self._text.kv, text.kv):
@@ -125,37 +127,52 @@ class GraphedDenoiser:
         return sum(g is not None for g in self._graphs.values())
 
     # -- the denoiser interface -------------------------------------------------------------------
-    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
+    def denoise(self, noise: ChunkNoise, attn: ChunkAttention, text: TextContext | None = None) -> torch.Tensor:
+        """``text``: this call's prompt context (e.g. one row per candidate of several streams); None or the
+        context given to ``set_text``: the static default copy."""
         with torch.inference_mode():  # the static buffers are inference tensors
+            text = self._call_text(text)
             if not self._capturable(attn):
-                return denoise_chunk(self.model, self.schedule, noise, self._text, attn)
+                return denoise_chunk(self.model, self.schedule, noise, text or self._text, attn)
             key = ("denoise", noise.initial.shape[0], tuple(noise.initial.shape[1:]), attn.page_table.shape[1],
-                   attn.backend, noise.initial.dtype, attn.max_pages)
-            sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn)}
-            backend, max_pages = attn.backend, attn.max_pages  # the work must not hold ``attn`` (nor the pool)
+                   attn.backend, noise.initial.dtype, attn.max_pages, _rows_key(attn), _text_key(text))
+            sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn),
+                       **_text_inputs(text)}
+            # the work must not hold ``attn`` (nor the pool)
+            backend, max_pages, rows, own_text = attn.backend, attn.max_pages, _rows_key(attn), text is not None
 
             def work(buf):
                 return denoise_chunk(self.model, self.schedule, ChunkNoise(buf["initial"], buf["renoise"]),
-                                     self._text, self._static_attention(buf, backend, max_pages))
+                                     self._buffer_text(buf, own_text),
+                                     self._static_attention(buf, backend, max_pages, rows))
 
             return self._run(key, sources, work).clone()
 
-    def context(self, x0: torch.Tensor, attn: ChunkAttention) -> None:
+    def context(self, x0: torch.Tensor, attn: ChunkAttention, text: TextContext | None = None) -> None:
         require(attn.write_pages is not None, "the context pass needs pages to write")
         with torch.inference_mode():
+            text = self._call_text(text)
             if not self._capturable(attn):
-                context_pass(self.model, x0, self._text, attn, self.context_timestep)
+                context_pass(self.model, x0, text or self._text, attn, self.context_timestep)
                 return
             key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype,
-                   attn.max_pages)
-            sources = {"x0": x0, **_attention_inputs(attn)}
-            backend, max_pages = attn.backend, attn.max_pages
+                   attn.max_pages, _rows_key(attn), _text_key(text))
+            sources = {"x0": x0, **_attention_inputs(attn), **_text_inputs(text)}
+            backend, max_pages, rows, own_text = attn.backend, attn.max_pages, _rows_key(attn), text is not None
 
             def work(buf):
-                context_pass(self.model, buf["x0"], self._text, self._static_attention(buf, backend, max_pages),
-                             self.context_timestep)
+                context_pass(self.model, buf["x0"], self._buffer_text(buf, own_text),
+                             self._static_attention(buf, backend, max_pages, rows), self.context_timestep)
 
             self._run(key, sources, work)
+
+    def _call_text(self, text: TextContext | None) -> TextContext | None:
+        return None if text is None or text is self._text_source else text
+
+    def _buffer_text(self, buf: dict[str, torch.Tensor], own: bool) -> TextContext:
+        if not own:
+            return self._text
+        return TextContext([(buf[f"text_k{i}"], buf[f"text_v{i}"]) for i in range(len(self._text.kv))])
 
     # -- capture and replay -----------------------------------------------------------------------
     def _capturable(self, attn: ChunkAttention) -> bool:
@@ -169,10 +186,12 @@ class GraphedDenoiser:
             return False
         return True
 
-    def _static_attention(self, buf: dict[str, torch.Tensor], backend: str, max_pages: int | None) -> ChunkAttention:
-        # ``max_pages`` is part of the graph's key: a graph reads exactly the table columns it was captured with.
+    def _static_attention(self, buf: dict[str, torch.Tensor], backend: str, max_pages: int | None,
+                          rows: tuple[int, ...] | None) -> ChunkAttention:
+        # ``max_pages`` and the torch path's per-row counts are part of the graph's key: a graph reads exactly
+        # the table columns it was captured with.
         return ChunkAttention(self.pool, buf["page_table"], buf["num_pages"], buf["frame_start"],
-                              buf.get("write_pages"), backend=backend, max_pages=max_pages)
+                              buf.get("write_pages"), backend=backend, max_pages=max_pages, row_pages=rows)
 
     def _run(self, key: tuple, sources: dict[str, torch.Tensor],
              work: Callable[[dict[str, torch.Tensor]], torch.Tensor | None]) -> torch.Tensor | None:
@@ -224,8 +243,13 @@ class GraphedDenoiser:
 
 
 def _shape_name(key: tuple) -> str:
-    kind, n, latent, width, backend, _, pages = key
-    return f"{kind} N={n} latent={'x'.join(map(str, latent))} table={width} pages={pages} {backend}"
+    kind, n, latent, width, backend, _, pages, rows = key[:8]
+    name = f"{kind} N={n} latent={'x'.join(map(str, latent))} table={width} pages={pages} {backend}"
+    if rows is not None and any(r != pages for r in rows):  # ragged rows (the torch path's exact-rows graphs)
+        name += " rows=" + ",".join(map(str, rows))
+    if key[8] is not None:
+        name += " text=" + "x".join(map(str, key[8]))
+    return name
 
 
 def _attention_inputs(attn: ChunkAttention) -> dict[str, torch.Tensor]:
@@ -233,6 +257,21 @@ def _attention_inputs(attn: ChunkAttention) -> dict[str, torch.Tensor]:
     if attn.write_pages is not None:
         inputs["write_pages"] = attn.write_pages
     return inputs
+
+
+def _rows_key(attn: ChunkAttention) -> tuple[int, ...] | None:
+    """Per-row page counts matter to the torch path only (exact rows); the Triton kernel reads the counts."""
+    return attn.row_pages if attn.backend == "torch" else None
+
+
+def _text_key(text: TextContext | None) -> tuple | None:
+    return None if text is None else tuple(text.kv[0][0].shape)
+
+
+def _text_inputs(text: TextContext | None) -> dict[str, torch.Tensor]:
+    if text is None:
+        return {}
+    return {f"{side}{i}": t for i, (k, v) in enumerate(text.kv) for side, t in (("text_k", k), ("text_v", v))}
 
 
 def _same_shapes(a: TextContext, b: TextContext) -> bool:
@@ -276,9 +315,9 @@ def model_call_ranges(model: torch.nn.Module, prefix: str):
 class NvtxEagerDenoiser(EagerDenoiser):
     """The eager loop with one NVTX range per denoising step (profiler timelines only)."""
 
-    def denoise(self, noise: ChunkNoise, attn: ChunkAttention) -> torch.Tensor:
+    def denoise(self, noise: ChunkNoise, attn: ChunkAttention, text=None) -> torch.Tensor:
         with model_call_ranges(self.model, "denoise_step"):
-            return super().denoise(noise, attn)
+            return super().denoise(noise, attn, text)
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:

@@ -7,13 +7,15 @@ import dataclasses
 import os
 import threading
 import time
+import uuid
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .cache import PagedKVCache
+from .cache import BlockPool, PagedKVCache, page_tokens_for
 from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
@@ -21,9 +23,12 @@ from .errors import StreamT1Error, require
 from .memory import DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, refusal
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
-from .sampler import make_schedule
+from .sampler import EagerDenoiser, make_schedule
+from .scheduler import Demand, Scheduler
 from .search.beam_search import BeamSearch, ChunkRecord
 from .search.config import SearchConfig
+from .search.executor import batch_bucket, run_batched
+from .streams import StreamHandle, StreamRequest, _Progress
 
 MAX_CHUNKS = 100_000
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
@@ -126,12 +131,17 @@ class StreamT1Engine:
     def __init__(self, model: CausalWanDiT, text_encoder, vae, config: EngineConfig, *, device="cpu",
                  dtype=None, attention_backend: str = "auto", fps: int = 16, name: str = "custom",
                  default_rewards: dict | None = None, use_nvtx: bool = True, cuda_graphs: bool = False,
-                 compile_blocks: bool = False, sync_stages: bool = False, memory_limit: int | str | None = "auto"):
+                 compile_blocks: bool = False, sync_stages: bool = False, memory_limit: int | str | None = "auto",
+                 max_streams: int = 4, max_queue: int = 64, kv_pages: int | None = None, max_batch: int | None = None):
         """``cuda_graphs``: replay each chunk's denoising loop and context pass from CUDA graphs (CUDA only;
         ignored with a warning on CPU). ``compile_blocks``: experimental ``torch.compile`` of every DiT block.
         ``sync_stages``: synchronise the device at stage boundaries so per-stage seconds are exact.
         ``memory_limit``: bytes a run may take on top of the loaded weights; "auto" (default) is what the
-        device has free (available RAM on CPU), None turns the up-front check off."""
+        device has free (available RAM on CPU), None turns the up-front check off (the estimate is per request).
+        ``max_streams``: streams running at once (their candidates denoise in one forward); ``max_queue``:
+        requests waiting beyond that (``submit`` refuses past it); ``kv_pages``: a fixed KV pool size in pages
+        (None: the pool grows to what the admitted streams reserve); ``max_batch``: most candidates in one
+        forward (None: no cap beyond ``max_streams``)."""
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.backend = resolve_backend(attention_backend, self.device)
@@ -141,13 +151,23 @@ class StreamT1Engine:
         self.config, self.fps, self.name = config, fps, name
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
-        self._cache: PagedKVCache | None = None
+        self._blocks: BlockPool | None = None  # the KV pages every stream shares (owned by the worker)
+        self._blocks_key: tuple | None = None
+        self._scratch_page: int | None = None
         self.sync_stages = sync_stages
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if cuda_graphs and not self.cuda_graphs:
             warnings.warn(GRAPHS_NEED_CUDA, RuntimeWarning, stacklevel=2)
-        self._graphed = None  # GraphedDenoiser bound to self._cache's pool
-        self._running = threading.Lock()  # held by the one stream that owns the KV pool and the graphs
+        self._graphed = None  # GraphedDenoiser bound to self._blocks' pool
+        self._scheduler = Scheduler(max_streams, max_queue, kv_pages, max_batch)
+        self.kv_pages = kv_pages
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._handles: dict[str, StreamHandle] = {}  # queued and running, by request id
+        self._out_of_memory: dict[str, Callable] = {}
+        self._worker_thread: threading.Thread | None = None
+        self._closed = False
+        self._counts = dict(chunks_done=0, frames_done=0, streams_finished=0, streams_cancelled=0, streams_failed=0)
         require(memory_limit in ("auto", None) or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool)
                                                    and memory_limit > 0),
                 f"memory_limit must be 'auto', None or a positive number of bytes, got {memory_limit!r}")
@@ -236,7 +256,7 @@ class StreamT1Engine:
         if self.memory_limit == "auto":
             free, where = available_memory(self.device)
             # the pool of the previous run is reused or freed before this one allocates: it is room too
-            held = self._cache.pool.nbytes() if self._cache is not None else 0
+            held = self._blocks.kv.nbytes() if self._blocks is not None else 0
             return free + held, where
         return self.memory_limit, "memory limit"
 
@@ -286,32 +306,401 @@ class StreamT1Engine:
         final = build_reward(final_reward) if final_reward is not None else long
         return short, long, final
 
-    def _cache_for(self, stream_cfg: StreamConfig, search: SearchConfig) -> PagedKVCache:
-        """Reuse the pool of the previous run when it fits: no reallocation, and captured graphs stay valid."""
-        pages = PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates)
-        cache = self._cache
-        if cache is None or cache.stream != stream_cfg or cache.pool.num_pages < pages:
-            self._cache = None  # free the old pool before allocating the new one
-            merge_backend = "triton" if self.backend == "triton" else "torch"
-            cache = PagedKVCache(self.config.model, stream_cfg, pages, self.device, self.dtype, merge_backend)
-            self._cache = cache
-        cache.reset()
-        return cache
+    # -- many streams: submit, the worker thread, handles ---------------------------------------------
+    def submit(self, prompt: str, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
+               height: int | None = None, width: int | None = None, short_reward=None, long_reward=None,
+               final_reward=None, prompt_schedule: dict[int, str] | None = None,
+               callback_on_chunk_end: Callable | None = None, max_buffered_chunks: int = 8,
+               request_id: str | None = None) -> StreamHandle:
+        """Queue one stream (thread-safe) and return its handle; input errors are raised here, before queueing.
 
-    def _denoiser_for(self, cache: PagedKVCache, text):
-        """Graphs are kept across runs while the pool is reused; None means BeamSearch's eager default."""
+        The engine's worker thread runs one chunk step for every admitted stream per iteration, their
+        candidates in one forward; a request's output equals running it alone with the same seed.
+        ``prompt_schedule``: {chunk index: prompt}, a switch before that chunk (LongLive's recache).
+        ``callback_on_chunk_end(handle, index, record)``: called in the worker after every chunk; returning
+        False stops the stream (as ``handle.stop()``). ``max_buffered_chunks``: final chunks the stream may get
+        ahead of its consumer before it pauses (backpressure)."""
+        return self._submit(prompt, num_chunks=num_chunks, seed=seed, search=search, height=height, width=width,
+                            short_reward=short_reward, long_reward=long_reward, final_reward=final_reward,
+                            prompt_schedule=prompt_schedule, callback_on_chunk_end=callback_on_chunk_end,
+                            max_buffered_chunks=max_buffered_chunks, request_id=request_id)
+
+    def _submit(self, prompt, *, num_chunks, seed, search, height, width, short_reward, long_reward, final_reward,
+                prompt_schedule=None, callback_on_chunk_end=None, max_buffered_chunks=8, request_id=None,
+                info: dict | None = None, report_progress: bool = False) -> StreamHandle:
+        search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
+        estimate, memory_limit, out_of_memory = self._check_memory(stream_cfg, search, num_chunks)
+        rewards = self._rewards(search, short_reward, long_reward, final_reward)
+        require(search.uses_rewards is False or (rewards[0] is not None and rewards[1] is not None),
+                f"search {search.strategy!r} needs a short-term and a long-term reward")
+        schedule = dict(prompt_schedule or {})
+        for index, text in schedule.items():
+            require(isinstance(index, int) and not isinstance(index, bool) and 1 <= index < num_chunks,
+                    f"prompt_schedule keys are chunk indices in [1, {num_chunks}), got {index!r}")
+            self._check_prompt(text)
+        require(callback_on_chunk_end is None or callable(callback_on_chunk_end),
+                "callback_on_chunk_end must be callable")
+        require(isinstance(max_buffered_chunks, int) and not isinstance(max_buffered_chunks, bool)
+                and max_buffered_chunks >= 1, f"max_buffered_chunks must be a positive integer, got "
+                                              f"{max_buffered_chunks!r}")
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        require(isinstance(request_id, str) and request_id != "", "request_id must be a non-empty string")
+        request = StreamRequest(request_id, prompt, num_chunks, seed, search, stream_cfg, rewards, schedule,
+                                callback_on_chunk_end, max_buffered_chunks, report_progress)
+        handle = StreamHandle(self, request, info)
+        handle.info.update(records=handle.records, memory_estimate=estimate.to_dict(), memory_limit=memory_limit)
+        demand = Demand(PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates),
+                        max(search.first_chunk_candidates, search.survivors * search.children_per_beam),
+                        _page_key(stream_cfg))
+        with self._lock:
+            require(not self._closed, "this engine is closed")
+            self._scheduler.submit(request_id, demand)
+            self._handles[request_id] = handle
+            self._out_of_memory[request_id] = out_of_memory
+            if self._worker_thread is None:
+                self._worker_thread = threading.Thread(target=self._work, name="streamt1-engine", daemon=True)
+                self._worker_thread.start()
+            self._wakeup.notify_all()
+        return handle
+
+    async def astream(self, prompt: str, **options):
+        """``async for chunk in engine.astream(prompt, ...)``: the options of ``submit``. The stream is cancelled
+        (its pages freed) when the consumer stops iterating, closes the generator or is cancelled."""
+        import asyncio
+
+        handle = self.submit(prompt, **options)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, handle._next_chunk)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            if not handle.ended:
+                handle.cancel(wait=False)
+                await loop.run_in_executor(None, handle._wait_released)
+
+    def stats(self) -> dict:
+        with self._lock:
+            blocks = self._blocks
+            scratch = 0 if self._scratch_page is None else 1
+            return dict(queued=len(self._scheduler.queued), running=len(self._scheduler.running),
+                        pages_total=blocks.num_pages - scratch if blocks is not None else 0,
+                        pages_in_use=blocks.num_in_use - scratch if blocks is not None else 0, **self._counts)
+
+    def close(self) -> None:
+        """Stop the worker thread; every queued and running stream is cancelled."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker_thread
+            self._wakeup.notify_all()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    def _check_prompt(self, prompt) -> None:
+        require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
+        require_text(prompt, "prompt")
+        require(hasattr(BeamSearch, "switch_prompt"), "prompt switching is not available in this build")
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    def _cancel(self, handle: StreamHandle) -> None:
+        with self._lock:
+            if self._scheduler.is_queued(handle.request_id):
+                self._scheduler.finish(handle.request_id)
+                self._handles.pop(handle.request_id, None)
+                self._out_of_memory.pop(handle.request_id, None)
+                self._counts["streams_cancelled"] += 1
+                handle.end("cancelled")
+                handle.mark_released()
+            elif handle.ended:
+                handle.mark_released()
+            self._wakeup.notify_all()
+
+    # -- the worker ---------------------------------------------------------------------------------
+    @property
+    def _worker(self):
+        return self._worker_thread
+
+    def _work(self) -> None:
+        active: dict[str, _Active] = {}
+        idle_since = None
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        break
+                    admitted = self._admit()
+                    if not active and not admitted and not self._scheduler.queued:
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since > WORKER_IDLE_EXIT_S:
+                            self._worker_thread = None  # a later submit starts a new one
+                            return
+                        self._wakeup.wait(0.05)
+                        continue
+                idle_since = None
+                for request_id in admitted:
+                    self._start(active, request_id)
+                self._boundary(active)
+                ready = [a for a in active.values() if not a.search_done and a.handle.has_room()
+                         and not a.handle.cancel_requested]
+                if ready:
+                    with torch.inference_mode():
+                        self._step(ready)
+                    self._boundary(active)
+                else:
+                    with self._lock:
+                        if not self._closed:
+                            self._wakeup.wait(0.05)
+        except BaseException as exc:  # noqa: BLE001 - the worker must not die silently with streams waiting
+            for a in list(active.values()):
+                self._fail(active, a, exc)
+            raise
+        finally:
+            for a in list(active.values()):
+                self._end(active, a, "cancelled")
+            with self._lock:
+                for request_id in self._scheduler.queued:
+                    handle = self._handles.pop(request_id)
+                    self._scheduler.finish(request_id)
+                    self._counts["streams_cancelled"] += 1
+                    handle.end("cancelled")
+                    handle.mark_released()
+                if self._worker_thread is threading.current_thread():
+                    self._worker_thread = None
+
+    def _admit(self) -> list[str]:
+        """Admit what fits and size the pool for it (at a chunk boundary: no forward is in flight)."""
+        admitted = self._scheduler.admit()
+        if admitted:
+            first = self._handles[admitted[0]].request.stream
+            self._ensure_pool(first)
+        return admitted
+
+    def _ensure_pool(self, stream_cfg: StreamConfig) -> None:
+        scratch = 1 if self.cuda_graphs else 0  # the page dummy rows of a padded batch write
+        need = (self.kv_pages if self.kv_pages is not None else self._scheduler.pages_reserved) + scratch
+        page_tokens = page_tokens_for(self.config.model, stream_cfg)
+        blocks = self._blocks
+        if blocks is None or blocks.page_tokens != page_tokens or self._blocks_key != _page_key(stream_cfg):
+            self._blocks = self._graphed = self._scratch_page = None  # free the old pool first
+            self._blocks = BlockPool.allocate(self.config.model, need, page_tokens, self.device, self.dtype)
+            self._blocks_key = _page_key(stream_cfg)
+            self._scratch_page = self._blocks.alloc() if scratch else None
+        elif blocks.num_pages < need:
+            self._graphed = None  # the graphs read the old pool's tensors: captured again
+            blocks.grow(need)
+
+    def _batch_denoiser(self, text):
+        """One denoiser for every stream of the pool; each call carries its own prompt context."""
         if self.cuda_graphs:
-            if self._graphed is None or self._graphed.pool is not cache.pool:
-                self._graphed = None  # release the old graphs before capturing against a new pool
-                self._graphed = GraphedDenoiser(self.model, self.schedule, text, cache.pool,
+            if self._graphed is None or self._graphed.pool is not self._blocks.kv:
+                self._graphed = None
+                self._graphed = GraphedDenoiser(self.model, self.schedule, text, self._blocks.kv,
                                                 self.config.sampler.context_timestep)
-            else:
-                self._graphed.set_text(text)
             return self._graphed
         if self.use_nvtx and nvtx_available():
             return NvtxEagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
-        return None
+        return EagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
 
+    def _encode(self, prompt: str):
+        text_states = self.text_encoder.encode([prompt]).to(self.device)
+        return self.model.encode_text(text_states)
+
+    def _start(self, active: dict, request_id: str) -> None:
+        handle = self._handles[request_id]
+        req = handle.request
+        a = _Active(handle, StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages),
+                    self._out_of_memory.pop(request_id))
+        active[request_id] = a
+        try:
+            with torch.inference_mode(), a.timer.range("text_encode"):
+                text = self._encode(req.prompt)
+            cfg = req.stream
+            cache = PagedKVCache.shared(self._blocks, self.config.model, cfg,
+                                        "triton" if self.backend == "triton" else "torch")
+            latent_shape = (self.config.model.in_channels, cfg.chunk_frames, cfg.latent_height, cfg.latent_width)
+            short, long, _ = req.rewards
+            a.runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=req.prompt,
+                                  search=req.search, schedule=self.schedule, num_chunks=req.num_chunks,
+                                  seed=req.seed, latent_shape=latent_shape, short_reward=short, long_reward=long,
+                                  attention_backend=self.backend, hooks=a.timer,
+                                  context_timestep=self.config.sampler.context_timestep,
+                                  denoiser=self._batch_denoiser(text))
+            a.runner.records = handle.records
+            handle.set_status("running")
+        except Exception as exc:  # noqa: BLE001 - this stream fails, the others go on
+            self._fail(active, a, exc)
+
+    def _step(self, ready: list["_Active"]) -> None:
+        """One chunk for every ready stream: their denoise work in one call, then their context passes."""
+        gens, works = {}, {}
+        for a in ready:
+            try:
+                self._apply_prompt_switches(a)
+                gens[a] = a.runner.phases()
+                works[a] = next(gens[a])
+            except Exception as exc:  # noqa: BLE001
+                self._fail_soon(a, self._map_error(a, exc))
+        for _phase in ("denoise", "context_pass"):
+            batch = [a for a in ready if a in works]
+            if not batch:
+                return
+            denoiser = self._batch_denoiser(works[batch[0]].text)
+            rows = sum(works[a].rows for a in batch)
+            pad = batch_bucket(rows) if self.cuda_graphs and len(batch) > 1 else None
+            started = time.perf_counter()
+            try:
+                with batch[0].timer.range(_phase):  # one profiler range per batched call
+                    results = run_batched(denoiser, [works[a] for a in batch], pad_to=pad,
+                                          scratch_page=self._scratch_page)
+            except Exception as exc:  # noqa: BLE001 - the batched forward failed: every stream in it fails
+                for a in batch:
+                    self._fail_soon(a, self._map_error(a, exc))
+                return
+            seconds = time.perf_counter() - started
+            for i, (a, result) in enumerate(zip(batch, results)):
+                if i:  # every stream of the batch waited for the whole call
+                    a.timer.seconds[_phase] += seconds
+                    a.timer.calls[_phase] += 1
+                try:
+                    works[a] = gens[a].send(result)
+                except StopIteration as done:
+                    del works[a]
+                    self._after_chunk(a, done.value)
+                except Exception as exc:  # noqa: BLE001 - this stream's host work failed
+                    del works[a]
+                    self._fail_soon(a, self._map_error(a, exc))
+
+    def _map_error(self, a: "_Active", exc: BaseException) -> BaseException:
+        oom = isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                          and "can't allocate memory" in str(exc))
+        return a.out_of_memory(a.runner.chunk_index) if oom else exc
+
+    def _fail_soon(self, a: "_Active", exc: BaseException) -> None:
+        a.error = exc  # ended at the boundary right after the step
+
+    def _apply_prompt_switches(self, a: "_Active") -> None:
+        req, runner = a.handle.request, a.runner
+        switches = list(a.handle.prompt_switches)
+        a.handle.prompt_switches.clear()
+        scheduled = req.prompt_schedule.get(runner.chunk_index)
+        if scheduled is not None and runner.chunk_index not in a.switched_at:
+            a.switched_at.add(runner.chunk_index)
+            switches.insert(0, scheduled)
+        for prompt in switches:
+            text = self._encode(prompt)
+            if runner.chunk_index == 0:  # nothing cached yet: the stream simply starts with this prompt
+                runner.prompt, runner.text = prompt, text
+            else:
+                runner.switch_prompt(prompt, text)
+
+    def _after_chunk(self, a: "_Active", record) -> None:
+        handle, req, runner = a.handle, a.handle.request, a.runner
+        c = record.index
+        with self._lock:
+            self._counts["chunks_done"] += 1
+        if req.report_progress:
+            handle.put(_Progress(c + 1, req.num_chunks))
+        if req.callback_on_chunk_end is not None:
+            try:
+                if req.callback_on_chunk_end(handle, c, record) is False:
+                    handle.stop_requested = True
+            except Exception as exc:  # noqa: BLE001
+                self._fail_soon(a, exc)
+                return
+        try:
+            if runner.chunk_index >= req.num_chunks or handle.stop_requested:
+                self._finish_search(a)
+                return
+            final_nodes = runner.final_chunks()
+            for node in final_nodes[a.emitted:]:
+                a.pending.append(_to_stream_chunk(node))
+                runner.mark_emitted(node)
+            a.emitted = max(a.emitted, len(final_nodes))
+        except Exception as exc:  # noqa: BLE001
+            self._fail_soon(a, exc)
+
+    def _finish_search(self, a: "_Active") -> None:
+        """The final pick over what exists; its remaining chunks wait for room, the pages are free at once."""
+        handle, req, runner = a.handle, a.handle.request, a.runner
+        if runner.chunk_index > 0:
+            with torch.inference_mode(), a.timer.range("final_pick"):
+                best, beam_scores = runner.choose_final(req.rewards[2])
+            for node in runner.beams[best].node.lineage()[a.emitted:]:
+                a.pending.append(_to_stream_chunk(node))
+            handle.info.update(
+                records=handle.records, chosen_beam=best, final_beam_scores=beam_scores,
+                search=req.search.used_dict(), stream=req.stream.to_dict(), seed=req.seed,
+                num_chunks=req.num_chunks, model=self.name, device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."), attention_backend=self.backend,
+                kv_pool_pages=self._blocks.num_pages, kv_pool_bytes=self._blocks.kv.nbytes(),
+                seconds=round(time.perf_counter() - a.started, 4), stages=a.timer.summary(),
+                cuda_graphs=self.cuda_graphs,
+                graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
+        a.search_done = True
+        a.final_status = "stopped" if handle.stop_requested else "finished"
+        self._release(a)
+
+    def _release(self, a: "_Active", mark: bool = True) -> None:
+        if a.runner is not None:
+            a.runner.release()
+        a.pages_returned = True
+        with self._lock:
+            self._scheduler.finish(a.handle.request_id)
+            self._wakeup.notify_all()
+        if mark:
+            a.handle.mark_released()
+
+    def _boundary(self, active: dict) -> None:
+        """Between chunk steps: cancels, failures, early stops, and chunks moved to the consumers' queues."""
+        for a in list(active.values()):
+            handle = a.handle
+            if handle.cancel_requested:
+                self._end(active, a, "cancelled")
+                continue
+            if a.error is not None:
+                self._fail(active, a, a.error)
+                continue
+            if handle.stop_requested and not a.search_done:
+                try:
+                    self._finish_search(a)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(active, a, exc)
+                    continue
+            while a.pending and handle.has_room():
+                chunk = a.pending.popleft()
+                handle.put(chunk)
+                with self._lock:
+                    self._counts["frames_done"] += int(chunk.frames.shape[0])
+            if a.search_done and not a.pending:
+                self._end(active, a, a.final_status)
+
+    def _fail(self, active: dict, a: "_Active", exc: BaseException) -> None:
+        """A failed stream keeps the chunks it already made final (delivered before the error)."""
+        for chunk in a.pending:
+            a.handle.put(chunk)
+        a.pending.clear()
+        self._end(active, a, "failed", exc)
+
+    def _end(self, active: dict, a: "_Active", status: str, error: BaseException | None = None) -> None:
+        """The stream is over: pages back (if not yet), counted, the consumer told, then a waiting cancel()."""
+        if not a.pages_returned:
+            self._release(a, mark=False)
+        active.pop(a.handle.request_id, None)
+        with self._lock:
+            self._handles.pop(a.handle.request_id, None)
+            key = {"finished": "streams_finished", "stopped": "streams_finished", "cancelled": "streams_cancelled",
+                   "failed": "streams_failed"}[status]
+            self._counts[key] += 1
+        a.handle.end(status, error)
+        a.handle.mark_released()
+
+    # -- the single-stream API on top of submit() -----------------------------------------------------
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
                width: int | None = None, progress: Callable[[int, int], None] | None = None,
@@ -320,10 +709,10 @@ class StreamT1Engine:
 
         ``search``: "none", "best_of_n", "stream_t1" or a SearchConfig. Rewards: names, reward objects or
         callables ``f(frames [N, T, 3, H, W] in [0, 1], prompt) -> [N]`` (defaults: the model's, else the
-        weight-free built-ins). ``progress(done, total)`` is called after every chunk.
+        weight-free built-ins). ``progress(done, total)`` is called after every chunk, in the caller's thread.
 
-        An engine runs one stream at a time (it owns one KV pool): while this generator is neither exhausted
-        nor closed, another ``stream``/``generate`` on the same engine raises StreamT1Error.
+        The stream is submitted at the first ``next()``; several streams (generators, threads) run at once,
+        their candidates batched. Closing the generator early cancels the stream.
 
         ``info``: a dict that the run record fills as the stream goes (``records``, the per-chunk search
         records, and ``memory_estimate`` from the start; the rest once the stream has finished)."""
@@ -331,72 +720,17 @@ class StreamT1Engine:
                             long_reward=long_reward, final_reward=final_reward, height=height, width=width,
                             progress=progress, info=info)
 
-    def _stream(self, prompt, *, num_chunks, seed, search, short_reward, long_reward, final_reward, height, width,
-                progress, info: dict | None) -> Iterator[StreamChunk]:
-        search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
-        estimate, memory_limit, out_of_memory = self._check_memory(stream_cfg, search, num_chunks)
-        short, long, final = self._rewards(search, short_reward, long_reward, final_reward)
-        # One KV pool and one set of CUDA graphs per engine: a second stream running at the same time (an
-        # interleaved generator, another thread) would reset the pool under the first one.
-        if not self._running.acquire(blocking=False):
-            raise StreamT1Error("this engine is already running a stream (a generate() in another thread, or a "
-                                "stream() generator that is neither exhausted nor closed); finish or close() it "
-                                "first, or use one engine per concurrent request")
+    def _stream(self, prompt, *, progress, info, **options) -> Iterator[StreamChunk]:
+        handle = self._submit(prompt, info=info, report_progress=progress is not None, **options)
         try:
-            timer = StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages)
-            started = time.perf_counter()
-            with torch.inference_mode(), timer.range("text_encode"):
-                text_states = self.text_encoder.encode([prompt]).to(self.device)
-                text = self.model.encode_text(text_states)
-            cache = self._cache_for(stream_cfg, search)
-            latent_shape = (self.config.model.in_channels, stream_cfg.chunk_frames, stream_cfg.latent_height,
-                            stream_cfg.latent_width)
-            runner = BeamSearch(model=self.model, vae=self.vae, cache=cache, text=text, prompt=prompt,
-                                search=search, schedule=self.schedule, num_chunks=num_chunks, seed=seed,
-                                latent_shape=latent_shape, short_reward=short, long_reward=long,
-                                attention_backend=self.backend, hooks=timer,
-                                context_timestep=self.config.sampler.context_timestep,
-                                denoiser=self._denoiser_for(cache, text))
-            emitted = 0
-            if info is not None:  # filled as the stream goes, so a caller can write the record after every chunk
-                info.update(records=runner.records, memory_estimate=estimate.to_dict(), memory_limit=memory_limit)
-            try:
-                for c in range(num_chunks):
-                    try:
-                        with torch.inference_mode():
-                            runner.step()
-                    except torch.OutOfMemoryError:
-                        raise out_of_memory(c) from None
-                    except RuntimeError as exc:
-                        if "can't allocate memory" not in str(exc):
-                            raise
-                        raise out_of_memory(c) from None
-                    if progress is not None:
-                        progress(c + 1, num_chunks)
-                    final_nodes = runner.final_chunks() if c + 1 < num_chunks else []
-                    for node in final_nodes[emitted:]:
-                        chunk = _to_stream_chunk(node)
-                        runner.mark_emitted(node)
-                        yield chunk
-                    emitted = max(emitted, len(final_nodes))
-                with torch.inference_mode(), timer.range("final_pick"):
-                    best, beam_scores = runner.choose_final(final)
-                for node in runner.beams[best].node.lineage()[emitted:]:
-                    yield _to_stream_chunk(node)
-                if info is not None:
-                    info.update(
-                        records=runner.records, chosen_beam=best, final_beam_scores=beam_scores,
-                        search=search.used_dict(), stream=stream_cfg.to_dict(), seed=seed, num_chunks=num_chunks,
-                        model=self.name,
-                        device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-                        attention_backend=self.backend, kv_pool_pages=cache.pool.num_pages,
-                        kv_pool_bytes=cache.pool.nbytes(), seconds=round(time.perf_counter() - started, 4),
-                        stages=timer.summary(), cuda_graphs=self.cuda_graphs,
-                        graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
-            finally:
-                runner.release()
+            for item in handle._events():
+                if isinstance(item, _Progress):
+                    progress(item.done, item.total)
+                else:
+                    yield item
         finally:
-            self._running.release()
+            if not handle.ended:
+                handle.cancel()
 
     def generate(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                  **kwargs) -> GenerationResult:
@@ -413,6 +747,30 @@ class StreamT1Engine:
         info["chunk_seeds"] = [c.seed for c in chunks]
         return GenerationResult(prompt, frames, latents, records, self.fps, info)
 
+
+WORKER_IDLE_EXIT_S = 2.0  # an idle worker thread ends; the next submit starts another
+
+
+def _page_key(stream_cfg: StreamConfig) -> tuple:
+    return (stream_cfg.chunk_frames, stream_cfg.latent_height, stream_cfg.latent_width)
+
+
+@dataclass(eq=False)
+class _Active:
+    """Worker-side state of one admitted stream."""
+
+    handle: StreamHandle
+    timer: StageTimer
+    out_of_memory: Callable
+    runner: BeamSearch | None = None
+    started: float = field(default_factory=time.perf_counter)
+    emitted: int = 0  # chunks of the lineage already made final
+    pending: deque = field(default_factory=deque)  # final chunks waiting for room in the handle's queue
+    search_done: bool = False
+    final_status: str = "finished"
+    error: BaseException | None = None
+    switched_at: set = field(default_factory=set)
+    pages_returned: bool = False
 
 def _to_stream_chunk(node) -> StreamChunk:
     latents = node.latents.float().cpu()

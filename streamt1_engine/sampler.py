@@ -78,8 +78,9 @@ class EagerDenoiser:
     def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0):
         self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
 
-    def denoise(self, noise: ChunkNoise, attn) -> torch.Tensor:
-        return denoise_chunk(self.model, self.schedule, noise, self.text, attn)
+    def denoise(self, noise: ChunkNoise, attn, text=None) -> torch.Tensor:
+        """``text``: this call's prompt context (B = 1 or one row per candidate); None: the one given at init."""
+        return denoise_chunk(self.model, self.schedule, noise, self.text if text is None else text, attn)
 
-    def context(self, x0: torch.Tensor, attn) -> None:
-        context_pass(self.model, x0, self.text, attn, self.context_timestep)
+    def context(self, x0: torch.Tensor, attn, text=None) -> None:
+        context_pass(self.model, x0, self.text if text is None else text, attn, self.context_timestep)

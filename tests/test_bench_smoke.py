@@ -190,3 +190,15 @@ def test_gpu_run_rejects_bad_arguments(tmp_path):
     assert res.returncode == 2 and "usage: bench/gpu_run.sh OUT [--dry-run]" in res.stderr
     res = _gpu_run(tmp_path / "run", python="false", GPU_RUN_STEPS="bogus")
     assert res.returncode == 2 and "unknown step: bogus" in res.stdout + res.stderr
+
+
+def test_bench_serving(tmp_path):
+    rows = load("bench_serving").main(["--tiny", "--streams", "1", "2", "--chunks", "2", "--repeat", "1",
+                                       "--out", str(tmp_path)])
+    csv_rows, data = read_outputs(tmp_path, "bench_serving")
+    assert len(csv_rows) == len(rows) == 4
+    assert {(r["search"], r["streams"]) for r in rows} == {(s, n) for s in ("stream_t1", "none") for n in (1, 2)}
+    for row in rows:  # batched and sequential runs of the same requests give the same videos in fp32
+        assert row["identical"] is True and row["video_frames"] == row["streams"] * 6
+        assert row["batched_fps"] > 0 and row["sequential_fps"] > 0 and row["ratio"] > 0
+        assert row["batched_chunk_p99_s"] >= row["batched_chunk_p50_s"] > 0

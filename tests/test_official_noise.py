@@ -27,9 +27,9 @@ def recorded_run(engine, monkeypatch, search, num_chunks=3, seed=11):
     drawn = []
     original = EagerDenoiser.denoise
 
-    def denoise(self, noise, attn):
+    def denoise(self, noise, attn, text=None):
         drawn.append((noise.initial.clone(), noise.renoise.clone()))
-        return original(self, noise, attn)
+        return original(self, noise, attn, text)
 
     monkeypatch.setattr(EagerDenoiser, "denoise", denoise)
     result = engine.generate("a red circle", num_chunks=num_chunks, seed=seed, search=search,

@@ -281,12 +281,12 @@ def test_memory_limit_from_the_cli(tmp_path, capsys, no_generation):
 
 
 def test_out_of_memory_becomes_the_same_one_line_message(engine, monkeypatch):
-    from streamt1_engine.search.beam_search import BeamSearch
+    from streamt1_engine.sampler import EagerDenoiser
 
-    def step(self):
+    def denoise(self, noise, attn, text=None):  # the chunk's (batched) forward runs out of memory
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(BeamSearch, "step", step)
+    monkeypatch.setattr(EagerDenoiser, "denoise", denoise)
     with pytest.raises(StreamT1Error, match=r"out of memory on cpu at chunk 0: estimated peak memory .* at most") as e:
         engine.generate(PROMPT, num_chunks=2, search=SearchConfig(beam_size=2, top_k=2))
     assert "\n" not in str(e.value)

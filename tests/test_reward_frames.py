@@ -63,8 +63,8 @@ def run(vae, reward_frames, num_chunks=W + 1):
     x0s = []
 
     class Denoiser(EagerDenoiser):
-        def denoise(self, noise, attn):
-            x0s.append(super().denoise(noise, attn))
+        def denoise(self, noise, attn, text=None):
+            x0s.append(super().denoise(noise, attn, text))
             return x0s[-1]
 
     short, long = Recorder("short"), Recorder("long")

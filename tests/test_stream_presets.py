@@ -82,13 +82,13 @@ class RecordingDenoiser(EagerDenoiser):
             rows.append(sorted(cached + [start + j for j in range(CF)]))
         return rows
 
-    def denoise(self, noise, attn):
+    def denoise(self, noise, attn, text=None):
         self.calls.append(("denoise", self._frames(attn)))
-        return super().denoise(noise, attn)
+        return super().denoise(noise, attn, text)
 
-    def context(self, x0, attn):
+    def context(self, x0, attn, text=None):
         self.calls.append(("context", self._frames(attn)))
-        return super().context(x0, attn)
+        return super().context(x0, attn, text)
 
 
 def run_stream(stream: StreamConfig, plan, num_chunks):

@@ -29,12 +29,17 @@ def __getattr__(name):
 
 
 def paged_attention(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale: float | None = None, *,
-                    backend: str = "torch", max_pages: int | None = None):
+                    backend: str = "torch", max_pages: int | None = None, row_pages: tuple[int, ...] | None = None):
     """Dispatch to one backend; all share :func:`paged_attention_naive`'s signature and semantics.
 
     ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), or None for the table width.
+    ``row_pages``: host copy of ``num_pages``; the torch path then attends each row over exactly its pages
+    (batch invariant); the other backends are per row already and ignore it.
     """
     check_backend(backend, BACKENDS, "paged_attention")
+    if backend == "torch" and row_pages is not None:
+        return paged_attention_naive(q, k_chunk, v_chunk, k_pool, v_pool, page_table, num_pages, scale,
+                                     row_pages=row_pages)
     impl = {
         "torch": paged_attention_naive,
         "sdpa": paged_attention_sdpa,

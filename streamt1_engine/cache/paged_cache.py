@@ -1,29 +1,22 @@
-"""Shared paged KV cache: one device pool of chunk-sized pages, host-side page tables per beam.
+"""Paged KV cache rules of one stream over a shared pool of chunk-sized pages.
 
 Beams that descend from the same candidate share pages by reference count; a new chunk takes a free
 page; only an EMA merge into a shared sink page copies (copy-on-write). The host owns the bookkeeping
-(Python ints, once per chunk); the device sees fixed-shape index tensors, so a chunk's forward never
-synchronises and can be replayed as a CUDA graph.
+(Python ints, once per chunk, in ``BlockPool``, shared by every stream of an engine); the device sees
+fixed-shape index tensors, so a chunk's forward never synchronises and can be replayed as a CUDA graph.
 """
 from __future__ import annotations
 
-import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import StreamConfig, WanConfig
-from ..errors import StreamT1Error, require
+from ..errors import require
 from ..kernels.sink_merge import sink_merge_
+from .block_pool import BlockPool, RouteFlag
 from .kv_pool import KVPool
-
-
-class RouteFlag(enum.IntEnum):
-    """What happens to a chunk's page when it leaves the rolling window (Stream-T1 memory sinking)."""
-
-    DISCARD = 0
-    EMA = 1
-    APPEND = 2
 
 
 @dataclass
@@ -37,32 +30,76 @@ class BeamPages:
         return self.sink + self.window
 
 
+def page_tokens_for(model_cfg: WanConfig, stream_cfg: StreamConfig) -> int:
+    """Tokens of one chunk page for this stream layout (streams share a pool only with equal pages)."""
+    ph, pw = model_cfg.patch_size[1:]
+    require(stream_cfg.latent_height % ph == 0 and stream_cfg.latent_width % pw == 0,
+            f"latent size {stream_cfg.latent_height}x{stream_cfg.latent_width} is not divisible by the "
+            f"patch size {ph}x{pw}")
+    return stream_cfg.chunk_frames * (stream_cfg.latent_height // ph) * (stream_cfg.latent_width // pw)
+
+
 class PagedKVCache:
-    def __init__(self, model_cfg: WanConfig, stream_cfg: StreamConfig, num_pages: int, device, dtype,
-                 merge_backend: str = "torch"):
+    """One stream's cache rules (commit, eviction, memory-sink merges, page tables for its ``StreamConfig``).
+
+    ``PagedKVCache(model_cfg, stream_cfg, num_pages, ...)`` allocates a pool of its own;
+    ``PagedKVCache.shared(blocks, ...)`` works over an engine's shared ``BlockPool``. The references this
+    stream holds are counted so ``release_all`` returns every one of them, whatever step failed."""
+
+    def __init__(self, model_cfg: WanConfig, stream_cfg: StreamConfig, num_pages: int | None = None, device=None,
+                 dtype=None, merge_backend: str = "torch", *, blocks: BlockPool | None = None):
         self.stream = stream_cfg
-        ph, pw = model_cfg.patch_size[1:]
-        require(stream_cfg.latent_height % ph == 0 and stream_cfg.latent_width % pw == 0,
-                f"latent size {stream_cfg.latent_height}x{stream_cfg.latent_width} is not divisible by the "
-                f"patch size {ph}x{pw}")
-        self.frame_tokens = (stream_cfg.latent_height // ph) * (stream_cfg.latent_width // pw)
-        self.page_tokens = stream_cfg.chunk_frames * self.frame_tokens
-        self.pool = KVPool.allocate(model_cfg, num_pages, self.page_tokens, device, dtype)
+        self.page_tokens = page_tokens_for(model_cfg, stream_cfg)
+        self.frame_tokens = self.page_tokens // stream_cfg.chunk_frames
+        if blocks is None:
+            require(num_pages is not None, "num_pages is needed without a shared block pool")
+            blocks = BlockPool.allocate(model_cfg, num_pages, self.page_tokens, device, dtype)
+        require(blocks.page_tokens == self.page_tokens,
+                f"the shared KV pool has pages of {blocks.page_tokens} tokens, this stream needs {self.page_tokens}")
+        self.blocks = blocks
         self.merge_backend = merge_backend
-        self.refcount = [0] * num_pages
-        self.flag = [RouteFlag.DISCARD] * num_pages
-        self.frame_pos = [0] * num_pages  # host mirror of pool.page_frame_pos
-        self._free = list(range(num_pages - 1, -1, -1))  # stack: lowest page id first
+        self._held: Counter[int] = Counter()  # references this stream holds, per page
         self._pending_ops: list[tuple[int, int, int, int]] = []
         self._pending_release: list[int] = []
 
+    @classmethod
+    def shared(cls, blocks: BlockPool, model_cfg: WanConfig, stream_cfg: StreamConfig,
+               merge_backend: str = "torch") -> "PagedKVCache":
+        return cls(model_cfg, stream_cfg, merge_backend=merge_backend, blocks=blocks)
+
+    @property
+    def pool(self) -> KVPool:
+        return self.blocks.kv
+
+    @property
+    def refcount(self) -> list[int]:
+        return self.blocks.refcount
+
+    @property
+    def flag(self) -> list[RouteFlag]:
+        return self.blocks.flag
+
+    @property
+    def frame_pos(self) -> list[int]:
+        return self.blocks.frame_pos
+
+    @property
+    def pages_held(self) -> int:
+        """Distinct pages this stream references."""
+        return len(self._held)
+
     def reset(self) -> None:
-        """Forget every page (contents stay; they are overwritten before being read again)."""
-        n = self.pool.num_pages
-        self.refcount = [0] * n
-        self.flag = [RouteFlag.DISCARD] * n
-        self.frame_pos = [0] * n
-        self._free = list(range(n - 1, -1, -1))
+        """Forget every page of the pool (only for a pool this stream alone uses)."""
+        self.blocks.reset()
+        self._held.clear()
+        self._pending_ops, self._pending_release = [], []
+
+    def release_all(self) -> None:
+        """Return every reference this stream still holds (after its end, a cancel or a failure)."""
+        for page, count in list(self._held.items()):
+            for _ in range(count):
+                self.blocks.release(page)
+        self._held.clear()
         self._pending_ops, self._pending_release = [], []
 
     @staticmethod
@@ -75,25 +112,23 @@ class PagedKVCache:
     # -- allocation -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.blocks.num_free
 
     def alloc(self) -> int:
-        if not self._free:
-            raise StreamT1Error(f"KV page pool exhausted ({self.pool.num_pages} pages); raise num_pages")
-        page = self._free.pop()
-        self.refcount[page] = 1
-        self.flag[page] = RouteFlag.DISCARD
+        page = self.blocks.alloc()
+        self._held[page] += 1
         return page
 
     def retain(self, page: int) -> None:
-        require(self.refcount[page] > 0, f"page {page} is not allocated")
-        self.refcount[page] += 1
+        self.blocks.retain(page)
+        self._held[page] += 1
 
     def release(self, page: int) -> None:
-        require(self.refcount[page] > 0, f"page {page} released twice")
-        self.refcount[page] -= 1
-        if self.refcount[page] == 0:
-            self._free.append(page)
+        require(self._held[page] > 0, f"page {page} is not held by this stream")
+        self.blocks.release(page)
+        self._held[page] -= 1
+        if self._held[page] == 0:
+            del self._held[page]
 
     def fork(self, beam: BeamPages) -> BeamPages:
         for p in beam.all_pages():
@@ -136,11 +171,7 @@ class PagedKVCache:
     def new_chunk_pages(self, count: int, frame_start: int) -> torch.Tensor:
         """Allocate ``count`` pages for chunks starting at ``frame_start``; returns their ids on the device."""
         pages = [self.alloc() for _ in range(count)]
-        for p in pages:
-            self.frame_pos[p] = frame_start
-        ids = torch.tensor(pages, dtype=torch.long, device=self.pool.k.device)
-        self.pool.page_frame_pos.index_fill_(0, ids, frame_start)
-        return ids
+        return self.blocks.set_frame_pos(pages, frame_start)
 
     # -- commit and memory sinking ----------------------------------------------------------------
     def commit(self, beam: BeamPages, page: int, flag: RouteFlag) -> None:
@@ -194,11 +225,9 @@ class PagedKVCache:
         return ops
 
     def check_consistency(self, beams: list[BeamPages]) -> None:
-        """Every page's refcount equals the number of beam references to it (tests, debugging)."""
-        counts = [0] * self.pool.num_pages
-        for b in beams:
-            for p in b.all_pages():
-                counts[p] += 1
-        if counts != self.refcount:
-            bad = [i for i, (a, b) in enumerate(zip(counts, self.refcount)) if a != b]
+        """This stream's references to every page equal its beams' references (tests, debugging); for a
+        pool of its own, that is every page's refcount."""
+        counts = Counter(p for b in beams for p in b.all_pages())
+        if counts != self._held:
+            bad = sorted(p for p in set(counts) | set(self._held) if counts[p] != self._held[p])
             raise AssertionError(f"refcount mismatch on pages {bad[:10]}")

@@ -32,7 +32,9 @@ class ChunkAttention:
     chunk's keys (rotated at the chunk's positions, which become the page's) and values (the clean context
     pass). ``max_pages``: host int >= every ``num_pages`` entry (the longest beam), so the torch path reads
     only the slots that can be valid; None (e.g. inside a captured CUDA graph, where the counts change
-    between replays) reads the full table width.
+    between replays) reads the full table width. ``row_pages``: host copy of ``num_pages`` (eager calls only);
+    the torch path then attends each row over exactly its own pages, so a row's result does not depend on
+    the other rows (several streams in one batch give each stream's own results).
     """
 
     pool: KVPool | None
@@ -44,6 +46,7 @@ class ChunkAttention:
     dense_mask: torch.Tensor | None = None  # [L, L] bool, only without a pool (training / references)
     frame_positions: torch.Tensor | None = None  # [N, F] explicit RoPE frame positions (overrides frame_start)
     max_pages: int | None = None
+    row_pages: tuple[int, ...] | None = None
 
     @classmethod
     def dense(cls, batch: int, device, mask: torch.Tensor | None = None, frame_start: int = 0,
@@ -166,7 +169,7 @@ class SelfAttention(AttentionProjections):
             out = out.transpose(1, 2)
         else:
             out = paged_attention(q_rot, k_rot, v, pool.k[layer], pool.v[layer], attn.page_table, attn.num_pages,
-                                  backend=attn.backend, max_pages=attn.max_pages)
+                                  backend=attn.backend, max_pages=attn.max_pages, row_pages=attn.row_pages)
         return self.o(out.flatten(2))
 
 
@@ -309,15 +312,18 @@ class CausalWanDiT(nn.Module):
         grid_h, grid_w = height // ph, width // pw
         dtype = self.patch_embedding.weight.dtype
         glue = glue_backend(attn)
-        if glue == "torch":
+        if glue == "torch" and latents.device.type == "cpu" and n > 1:
+            # one row at a time: the CPU convolution's bits depend on the batch size (see ``_timestep_mlp``)
+            x = torch.cat([self.patch_embedding(row.to(dtype)) for row in latents.split(1)]).flatten(2).transpose(1, 2)
+        elif glue == "torch":
             x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2)
         else:
             x = self._patch_embedding_gemm(latents.to(dtype))
         timestep = timestep.to(x.device)
         per_frame = timestep.dim() == 2
         t_flat = timestep.reshape(-1)
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t_flat).to(dtype))
-        e_blocks = self.time_projection(e).unflatten(-1, (6, cfg.dim)).float()
+        e, e_blocks = self._timestep_mlp(t_flat, dtype)
+        e_blocks = e_blocks.unflatten(-1, (6, cfg.dim)).float()
         if per_frame:
             e = e.view(n, frames, -1).repeat_interleave(grid_h * grid_w, dim=1)
             e_blocks = e_blocks.view(n, frames, 6, cfg.dim).repeat_interleave(grid_h * grid_w, dim=1)
@@ -335,6 +341,19 @@ class CausalWanDiT(nn.Module):
         out = out.view(n, frames, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_channels, frames * pt, height, width)
         return out
+
+    def _timestep_mlp(self, t_flat: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep embedding and its six block modulations. On CPU one row at a time: GEMMs of a few rows pick
+        kernels by the row count, so a batched call would make a candidate's bits depend on how many others
+        share its forward (several streams batched must equal each alone); the token GEMMs are not affected."""
+        def mlp(t):
+            e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(dtype))
+            return e, self.time_projection(e)
+
+        if t_flat.device.type != "cpu" or t_flat.shape[0] == 1:
+            return mlp(t_flat)
+        rows = [mlp(t_flat[i:i + 1]) for i in range(t_flat.shape[0])]
+        return torch.cat([e for e, _ in rows]), torch.cat([p for _, p in rows])
 
     def _patch_embedding_gemm(self, latents: torch.Tensor) -> torch.Tensor:
         """The patch embedding as one GEMM over patchified latents: tokens come out contiguous [N, L, dim]

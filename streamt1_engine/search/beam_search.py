@@ -26,6 +26,7 @@ from ..model.wan import ChunkAttention, TextContext
 from ..sampler import ChunkNoise, EagerDenoiser, Schedule  # EagerDenoiser: also imported from here
 from ..vae import decode_cold_windows
 from .config import SearchConfig
+from .executor import ContextWork, DenoiseWork
 from .noise import StreamNoise, draw_chunk_noise, draw_upstream_noise, fuse_upstream_noise, propagate_noise
 from .policy import SearchPolicy
 
@@ -151,9 +152,9 @@ class BeamSearch:
         table, counts = self.cache.page_table([b.pages for b in parent_beams])
         start = torch.full((len(parent_beams),), self.chunk_index * self.latent_shape[1], dtype=torch.long,
                            device=self.device)
-        longest = max((len(b.pages.all_pages()) for b in parent_beams), default=0)
+        rows = tuple(len(b.pages.all_pages()) for b in parent_beams)
         return ChunkAttention(self.cache.pool, table, counts, start, write_pages, backend=self.backend,
-                              max_pages=longest)
+                              max_pages=max(rows, default=0), row_pages=rows)
 
     def _range(self, name: str):
         return self.hooks.range(name) if self.hooks is not None else _nullcontext()
@@ -187,13 +188,33 @@ class BeamSearch:
 
     # -- one chunk --------------------------------------------------------------------------------
     def step(self) -> ChunkRecord:
+        """One chunk, its DiT work run by this search's own denoiser."""
+        phases = self.phases()
+        try:
+            work = next(phases)
+            while True:
+                work = phases.send(self.run_work(work))
+        except StopIteration as done:
+            return done.value
+
+    def run_work(self, work: DenoiseWork | ContextWork):
+        if isinstance(work, DenoiseWork):
+            with self._range("denoise"):
+                return self.denoiser.denoise(work.noise, work.attn, work.text)
+        with self._range("context_pass"):
+            self.denoiser.context(work.x0, work.attn, work.text)
+        return None
+
+    def phases(self):
+        """One chunk as a generator: yields the denoise work (receives x0), then the context pass work (receives
+        None), and returns the chunk's record; the host, VAE and reward work run in between. A driver may run
+        the yielded DiT work of several streams as one batch (``executor.run_batched``)."""
         search, c = self.search, self.chunk_index
         seeds, parents = self.policy.candidates(c, [beam.node.seed for beam in self.beams] if c > 0 else [])
         parent_beams = [self.beams[p] for p in parents]
         n = len(seeds)
         noise = self._noise(seeds, parents)
-        with self._range("denoise"):
-            x0 = self.denoiser.denoise(noise, self._attention(parent_beams))
+        x0 = yield DenoiseWork(noise, self._attention(parent_beams), self.text)
         with self._range("vae_decode"):
             state = None
             if self.vae_state is not None:
@@ -224,9 +245,8 @@ class BeamSearch:
         # clean context pass for the survivors only, writing one fresh page each
         surv_parents = [parent_beams[i] for i in survivors]
         idx = torch.tensor(survivors, device=self.device)
-        with self._range("context_pass"):
-            write = self.cache.new_chunk_pages(len(survivors), c * self.latent_shape[1])
-            self.denoiser.context(x0[idx], self._attention(surv_parents, write))
+        write = self.cache.new_chunk_pages(len(survivors), c * self.latent_shape[1])
+        yield ContextWork(x0[idx], self._attention(surv_parents, write), self.text)
 
         with self._range("routing"):
             new_beams = []
@@ -311,8 +331,11 @@ class BeamSearch:
         return self.policy.final_pick(scores), scores
 
     def release(self) -> None:
+        """Return every page this stream references (also the pages of a chunk step that failed midway)."""
+        self.cache.release_all()
         for beam in self.beams:
-            self.cache.drop(beam.pages)
+            beam.pages.sink.clear()
+            beam.pages.window.clear()
         self.beams = []
 
 

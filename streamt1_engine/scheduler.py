@@ -1,0 +1,111 @@
+"""Admission of streams into one engine: a bounded FIFO queue, a page budget and a batch budget (host only).
+
+A request reserves, at admission, the worst-case pages of its stream layout and search
+(``PagedKVCache.pages_needed``), so an admitted stream never fails midway for lack of pages; its candidates
+count against ``max_batch`` (the most rows of one forward). Admission is strictly first in, first out: a
+request that does not fit yet waits, and the requests behind it wait too (no overtaking, so a large request is
+never starved). Streams share the pool only when their pages have the same layout (``page_key``: latent size
+and chunk frames); a request with another layout waits until no stream runs, then the pool is rebuilt for it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .errors import StreamT1Error, require
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one stream holds while it runs."""
+
+    pages: int  # worst-case KV pages (reserved at admission)
+    candidates: int  # most rows it puts into one forward
+    page_key: tuple  # layout of its pages; streams of one pool share it
+
+
+class Scheduler:
+    """Which requests run and which wait; every method is O(streams) host work, no tensors.
+
+    ``kv_pages``: fixed pool size (None: the pool grows to what the admitted streams reserve).
+    ``max_batch``: most candidates in one forward (None: no cap beyond ``max_streams``)."""
+
+    def __init__(self, max_streams: int = 4, max_queue: int = 64, kv_pages: int | None = None,
+                 max_batch: int | None = None):
+        for name, value, least in (("max_streams", max_streams, 1), ("max_queue", max_queue, 0)):
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                    f"{name} must be an integer >= {least}, got {value!r}")
+        for name, value in (("kv_pages", kv_pages), ("max_batch", max_batch)):
+            require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                    f"{name} must be None or a positive integer, got {value!r}")
+        self.max_streams, self.max_queue = max_streams, max_queue
+        self.kv_pages, self.max_batch = kv_pages, max_batch
+        self._queue: OrderedDict[str, Demand] = OrderedDict()
+        self._running: dict[str, Demand] = {}
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submit(self, request_id: str, demand: Demand) -> None:
+        """Queue a request, or refuse it now: a full queue, a duplicate id, or a demand that can never fit."""
+        require(request_id not in self._queue and request_id not in self._running,
+                f"request id {request_id!r} is already in use")
+        if self.kv_pages is not None and demand.pages > self.kv_pages:
+            raise StreamT1Error(f"request {request_id!r} needs up to {demand.pages} KV pages, the pool has "
+                                f"{self.kv_pages} (kv_pages); use a smaller search or a larger pool")
+        if self.max_batch is not None and demand.candidates > self.max_batch:
+            raise StreamT1Error(f"request {request_id!r} runs {demand.candidates} candidates per forward, more "
+                                f"than max_batch={self.max_batch}; use a smaller search or raise max_batch")
+        if len(self._queue) >= self.max_queue:
+            raise StreamT1Error(f"the request queue is full ({self.max_queue} waiting, {len(self._running)} "
+                                "running); retry later or raise max_queue")
+        self._queue[request_id] = demand
+
+    def admit(self) -> list[str]:
+        """Move the requests that fit now from the head of the queue to the running set, in order."""
+        admitted = []
+        while self._queue:
+            request_id, demand = next(iter(self._queue.items()))
+            if not self._fits(demand):
+                break
+            del self._queue[request_id]
+            self._running[request_id] = demand
+            admitted.append(request_id)
+        return admitted
+
+    def finish(self, request_id: str) -> None:
+        """A stream ended (finished, stopped, cancelled or failed) or a queued request was dropped: its
+        reservation is free at once."""
+        self._running.pop(request_id, None)
+        self._queue.pop(request_id, None)
+
+    def _fits(self, demand: Demand) -> bool:
+        running = list(self._running.values())
+        if len(running) >= self.max_streams:
+            return False
+        if running and running[0].page_key != demand.page_key:
+            return False  # another page layout: wait until the pool is empty
+        if self.kv_pages is not None and self.pages_reserved + demand.pages > self.kv_pages:
+            return False
+        if self.max_batch is not None and sum(d.candidates for d in running) + demand.candidates > self.max_batch:
+            return False
+        return True
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def queued(self) -> list[str]:
+        return list(self._queue)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    def is_queued(self, request_id: str) -> bool:
+        return request_id in self._queue
+
+    @property
+    def pages_reserved(self) -> int:
+        return sum(d.pages for d in self._running.values())
+
+    @property
+    def page_key(self) -> tuple | None:
+        """Page layout of the running streams (None when none runs)."""
+        return next(iter(self._running.values())).page_key if self._running else None
