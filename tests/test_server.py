@@ -252,6 +252,27 @@ def test_busy_server_answers_429_and_websocket_refusals(engine):
         assert metric_value(metrics, "streamt1_requests_total", transport="websocket", outcome="invalid") == 4
 
 
+def test_full_engine_queue_answers_503():
+    small = StreamT1Engine.from_pretrained("tiny", max_streams=1, max_queue=1)
+    app = create_app(small, ServerLimits(max_streams=4, max_chunks=40))
+    try:
+        with LoopbackServer(app) as server:
+            async def main():
+                async with connect(server.ws_url + "/v1/stream") as running, \
+                        connect(server.ws_url + "/v1/stream") as queued:  # neither reads: both stay in the engine
+                    for ws in (running, queued):
+                        await ws.send(json.dumps(dict(prompt=PROMPT, num_chunks=40)))
+                        assert json.loads(await ws.recv())["type"] == "accepted"
+                    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                        return await client.post("/v1/generate", json=dict(prompt=PROMPT, num_chunks=2))
+
+            answer = asyncio.run(main())
+            assert answer.status_code == 503 and "queue is full" in answer.json()["error"], answer.text
+            assert wait_until(lambda: small.stats()["pages_in_use"] == 0 and small.stats()["running"] == 0, 10)
+    finally:
+        small.close()
+
+
 @pytest.mark.skipif(not hasattr(BeamSearch, "switch_prompt"),
                     reason="this build has no prompt switching core (BeamSearch.switch_prompt)")
 def test_prompt_schedule_and_switch_message_reach_the_stream(engine):
@@ -281,6 +302,24 @@ def test_prompt_schedule_and_switch_message_reach_the_stream(engine):
         tail = slice(-2 * per_chunk, None)
         assert close_to(switched["frames"][tail], plain8.frames[tail]) > 12.0
         assert close_to(switched["frames"][:per_chunk], plain8.frames[:per_chunk]) < 4.0
+
+
+def test_stop_message_finishes_the_stream_early(engine):
+    app = create_app(engine, LIMITS)
+    with LoopbackServer(app) as server:
+        async def stop_at_first_chunk(ws, chunk):
+            if chunk["index"] == 0:
+                await ws.send(json.dumps({"type": "stop"}))
+
+        result = asyncio.run(ws_stream(server.ws_url, dict(prompt=PROMPT, num_chunks=40, seed=9), stop_at_first_chunk))
+        assert [m["type"] for m in result["messages"]] == ["stop_accepted", "done"]
+        assert result["done"]["status"] == "stopped"
+        sent = [c["index"] for c in result["chunks"]]
+        assert sent == list(range(len(sent))) and 1 <= len(sent) < 40
+        assert len(result["done"]["record"]["chunks"]) == len(sent)
+        metrics = httpx.get(server.url + "/metrics").text
+        assert metric_value(metrics, "streamt1_requests_total", transport="websocket", outcome="stopped") == 1
+    assert engine.stats()["pages_in_use"] == 0
 
 
 def test_openapi_schema_matches_the_routes_and_request_models(engine):

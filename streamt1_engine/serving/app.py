@@ -55,7 +55,8 @@ def classify(exc: BaseException) -> ApiError:
         return ApiError(exc.status, str(exc))
     if isinstance(exc, StreamT1Error):
         text = str(exc)
-        return ApiError(503 if "queue is full" in text else 422, text)
+        busy = "queue is full" in text or "engine is closed" in text  # the engine's, not the request's fault
+        return ApiError(503 if busy else 422, text)
     if isinstance(exc, ValidationError):
         return ApiError(422, validation_message(exc.errors()))
     return ApiError(500, f"{type(exc).__name__}: {exc}")
@@ -159,7 +160,7 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
     @app.get("/health", summary="liveness and load")
     async def health() -> dict:
         return {"status": "ok", "model": getattr(engine, "name", None), "instance": instance,
-                "streams_in_flight": slots.used, "max_streams": limits.max_streams}
+                "streams_in_flight": slots.used, "max_streams_in_flight": limits.max_streams}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def prometheus():
