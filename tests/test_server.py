@@ -356,6 +356,20 @@ def test_openapi_schema_matches_the_routes_and_request_models(engine):
     assert page.status_code == 200 and "/v1/stream" in page.text
 
 
+def test_records_travel_as_strict_json():
+    import math
+
+    import torch
+
+    from streamt1_engine.serving.frames import json_safe
+
+    record = {"scores": torch.tensor([0.5, float("nan")]), "weight": np.float32(0.25), "seeds": (np.int64(3), 4),
+              "cap": math.inf, "ok": True, "flags": ["EMA"]}
+    safe = json_safe(record)
+    assert safe == {"scores": [0.5, None], "weight": 0.25, "seeds": [3, 4], "cap": None, "ok": True, "flags": ["EMA"]}
+    json.dumps(safe, allow_nan=False)
+
+
 def test_server_limits_are_checked():
     with pytest.raises(StreamT1Error, match="max_streams"):
         ServerLimits(max_streams=0)

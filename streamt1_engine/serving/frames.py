@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import tempfile
 from pathlib import Path
 
@@ -27,17 +28,22 @@ def jpeg_frames(frames, quality: int = 95) -> list[bytes]:
 
 
 def json_safe(value):
-    """Records as strict JSON: tuples become lists, non-finite floats (no JSON form) become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+    """Records as strict JSON: tuples and arrays become lists, numpy / torch scalars plain numbers, non-finite
+    floats (no JSON form) None."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if hasattr(value, "to_dict"):
         return json_safe(value.to_dict())
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return json_safe(value.tolist())
     return str(value)
 
 
