@@ -167,7 +167,15 @@ class GraphedDenoiser:
             self._run(key, sources, work)
 
     def _call_text(self, text: TextContext | None) -> TextContext | None:
-        return None if text is None or text is self._text_source else text
+        """None: the graphs read the static copy (a prompt of the static copy's shapes is copied into it, so
+        one stream's graphs serve every prompt); else a per-call context (e.g. one row per candidate of several
+        streams), which is a static input of its own graphs."""
+        if text is None or text is self._text_source:
+            return None
+        if _same_shapes(self._text, text):
+            self.set_text(text)
+            return None
+        return text
 
     def _buffer_text(self, buf: dict[str, torch.Tensor], own: bool) -> TextContext:
         if not own:

@@ -593,11 +593,7 @@ class StreamT1Engine:
             a.switched_at.add(runner.chunk_index)
             switches.insert(0, scheduled)
         for prompt in switches:
-            text = self._encode(prompt)
-            if runner.chunk_index == 0:  # nothing cached yet: the stream simply starts with this prompt
-                runner.prompt, runner.text = prompt, text
-            else:
-                runner.switch_prompt(prompt, text)
+            runner.switch_prompt(prompt, self._encode(prompt))
 
     def _after_chunk(self, a: "_Active", record) -> None:
         handle, req, runner = a.handle, a.handle.request, a.runner
@@ -642,6 +638,9 @@ class StreamT1Engine:
                 seconds=round(time.perf_counter() - a.started, 4), stages=a.timer.summary(),
                 cuda_graphs=self.cuda_graphs,
                 graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
+            switches = getattr(runner, "prompt_switches", None)
+            if switches:
+                handle.info["prompt_switches"] = [s.to_dict() for s in switches]
         a.search_done = True
         a.final_status = "stopped" if handle.stop_requested else "finished"
         self._release(a)
