@@ -286,6 +286,8 @@ def test_prompt_schedule_and_switch_message_reach_the_stream(engine):
         assert scheduled["done"]["status"] == "finished"
         assert close_to(scheduled["frames"][:2 * per_chunk], plain.frames[:2 * per_chunk]) < 4.0
         assert close_to(scheduled["frames"][2 * per_chunk:], plain.frames[2 * per_chunk:]) > 12.0
+        [switch] = scheduled["done"]["record"]["prompt_switches"]
+        assert (switch["chunk"], switch["prompt"]) == (2, other) and switch["recached_chunks"]
 
         async def switch_once(ws, chunk):
             if chunk["index"] == 0:
@@ -298,6 +300,8 @@ def test_prompt_schedule_and_switch_message_reach_the_stream(engine):
         kinds = [(m["type"], m.get("status")) for m in switched["messages"]]
         assert kinds == [("error", 422), ("error", 422), ("switch_accepted", None), ("done", "finished")], kinds
         assert switched["done"]["status"] == "finished"
+        [switch] = switched["done"]["record"]["prompt_switches"]
+        assert switch["prompt"] == other and 1 <= switch["chunk"] <= 4  # within the chunks buffered ahead
         # the switch lands within the few chunks the stream may run ahead of its client
         tail = slice(-2 * per_chunk, None)
         assert close_to(switched["frames"][tail], plain8.frames[tail]) > 12.0
