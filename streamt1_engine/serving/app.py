@@ -17,64 +17,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 
-from ..errors import StreamT1Error
-from .frames import Mp4Bytes, jpeg_frames, run_record
-from .limits import BodyLimit, LimitExceeded, ServerLimits, StreamSlots
+from .frames import Mp4Bytes, run_record
+from .limits import BodyLimit, ServerLimits, StreamSlots
 from .metrics import ServerMetrics
 from .page import page_html
+from .refusals import ERROR_RESPONSES, ApiError, classify, outcome_of, validation_message
 from .relay import ChunkRelay
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, StopStream, SwitchPrompt
+from .schemas import GenerateRequest, GenerateResponse, StopStream, SwitchPrompt
+from .websocket import refuse, serve_stream
 
 log = logging.getLogger("streamt1.serve")
 STREAM_PATH = "/v1/stream"
 GENERATE_PATH = "/v1/generate"
-ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
-    (400, "body is not valid JSON"), (413, "body over the server's size limit"),
-    (422, "a field is refused (the engine's checks, or the server's chunk / candidate limits)"),
-    (429, "the server's stream limit is reached"), (503, "the engine's queue is full"),
-    (500, "the stream failed while generating"))}
-
-
-class ApiError(Exception):
-    """A refusal answered as ``{"error", "status"}``; ``counted``: already in the request metrics."""
-
-    def __init__(self, status: int, message: str, counted: bool = False):
-        super().__init__(message)
-        self.status, self.message, self.counted = status, message, counted
-
-
-def classify(exc: BaseException) -> ApiError:
-    """The HTTP status and one-line message for a refused request."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, LimitExceeded):
-        return ApiError(exc.status, str(exc))
-    if isinstance(exc, StreamT1Error):
-        text = str(exc)
-        busy = "queue is full" in text or "engine is closed" in text  # the engine's, not the request's fault
-        return ApiError(503 if busy else 422, text)
-    if isinstance(exc, ValidationError):
-        return ApiError(422, validation_message(exc.errors()))
-    return ApiError(500, f"{type(exc).__name__}: {exc}")
-
-
-def validation_message(errors) -> str:
-    """pydantic's errors as one line: ``field.path: message`` joined by '; '."""
-    parts = []
-    for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(parts) or "invalid request"
-
-
-def outcome_of(status: int) -> str:
-    return "rejected" if status in (429, 503) else "invalid" if status < 500 else "failed"
-
-
 def create_app(engine, limits: ServerLimits | None = None, *, submit_options: dict | None = None,
                instance: str | None = None, close_engine: bool = False) -> FastAPI:
     """``submit_options``: passed to every ``engine.submit`` (the rewards: ``short_reward``, ``long_reward``,
@@ -171,10 +128,10 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
               summary="generate a whole video: the MP4 and its run record")
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         handle = await start(body)
-        outcome = "failed"
-        video = Mp4Bytes(getattr(engine, "fps", 16))
+        outcome, video = "failed", None
         gone = asyncio.create_task(_client_gone(request))
         try:
+            video = Mp4Bytes(getattr(engine, "fps", 16))
             relay = ChunkRelay(handle, workers, video.append)
             while True:
                 step = asyncio.create_task(relay.next())
@@ -203,7 +160,8 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
             raise ApiError(500, f"stream failed: {exc}", counted=True) from None
         finally:
             gone.cancel()
-            video.abort()
+            if video is not None:
+                video.abort()
             if handle.status in ("queued", "running"):
                 await in_worker(handle.cancel)
             slots.give_back()
@@ -217,7 +175,7 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
         except WebSocketDisconnect:
             return
         except (KeyError, RuntimeError):  # a binary first message
-            await _refuse(ws, metrics, ApiError(400, "the first message must be a JSON text message"))
+            await refuse(ws, metrics, ApiError(400, "the first message must be a JSON text message"))
             return
         try:
             limits.check_size(len(text.encode("utf-8")))
@@ -228,21 +186,21 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
             req = GenerateRequest.model_validate(data)
             handle = await start(req)
         except Exception as exc:
-            await _refuse(ws, metrics, classify(exc))
+            await refuse(ws, metrics, classify(exc))
             return
         outcome = "failed"
         try:
-            outcome = await _serve_stream(ws, handle, workers, metrics, in_worker, getattr(engine, "fps", 16))
+            outcome = await serve_stream(ws, handle, workers, metrics, in_worker, getattr(engine, "fps", 16))
             if outcome in ("finished", "stopped"):
                 await ws.send_json({"type": "done", "status": outcome, "record": await final_record(handle)})
                 await ws.close(1000)
             elif outcome == "failed":
-                await _refuse(ws, None, ApiError(500, f"stream ended {handle.status}"))
+                await refuse(ws, None, ApiError(500, f"stream ended {handle.status}"))
         except (WebSocketDisconnect, RuntimeError, OSError):
             outcome = "disconnected"
         except Exception as exc:
             log.exception("stream %s failed", handle.request_id)
-            await _refuse(ws, None, ApiError(500, f"stream failed: {exc}"))
+            await refuse(ws, None, ApiError(500, f"stream failed: {exc}"))
         finally:
             if handle.status in ("queued", "running"):
                 await in_worker(handle.cancel)
@@ -259,81 +217,6 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def _serve_stream(ws: WebSocket, handle, workers, metrics: ServerMetrics, in_worker, fps: int) -> str:
-    """Send the chunks while reading the client's messages; the outcome: finished, stopped, disconnected or
-    failed. A client that leaves cancels the stream at once (its pages go back to the pool)."""
-    await ws.send_json({"type": "accepted", "request_id": handle.request_id, "fps": fps})
-    relay = ChunkRelay(handle, workers, jpeg_frames)
-
-    async def send_chunks():
-        while True:
-            item = await relay.next()
-            if item is None:
-                return
-            await ws.send_json({"type": "chunk", "index": item.index, "seed": item.seed, "num_frames": item.num_frames,
-                                "height": item.height, "width": item.width, "record": item.record})
-            for jpeg in item.payload:
-                await ws.send_bytes(jpeg)
-            metrics.chunk_sent()
-
-    async def read_messages():
-        while True:
-            try:
-                text = await ws.receive_text()
-            except WebSocketDisconnect:
-                return
-            except (KeyError, RuntimeError):  # binary message, or the socket is closed
-                if ws.client_state != WebSocketState.CONNECTED:
-                    return
-                await ws.send_json({"type": "error", "status": 400, "error": "messages must be JSON text"})
-                continue
-            await _client_message(ws, handle, text, in_worker)
-
-    sender, reader = asyncio.create_task(send_chunks()), asyncio.create_task(read_messages())
-    try:
-        done, _ = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if sender in done:
-            sender.result()  # a failed stream raises here
-            return handle.status if handle.status in ("finished", "stopped") else "failed"
-        await in_worker(handle.cancel)  # the client left before the end
-        return "disconnected"
-    finally:
-        for task in (sender, reader):
-            task.cancel()
-
-
-async def _client_message(ws: WebSocket, handle, text: str, in_worker) -> None:
-    """switch_prompt / stop; anything else is answered with a (non-fatal) error message."""
-    try:
-        data = json.loads(text)
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind == "switch_prompt":
-            message = SwitchPrompt.model_validate(data)
-            await in_worker(handle.switch_prompt, message.prompt)
-            await ws.send_json({"type": "switch_accepted", "prompt": message.prompt})
-        elif kind == "stop":
-            StopStream.model_validate(data)
-            await in_worker(handle.stop)
-            await ws.send_json({"type": "stop_accepted"})
-        else:
-            raise ApiError(422, f"unknown message type {kind!r}; expected switch_prompt or stop")
-    except json.JSONDecodeError as exc:
-        await ws.send_json({"type": "error", "status": 400, "error": f"message is not valid JSON: {exc}"})
-    except Exception as exc:
-        err = classify(exc)
-        await ws.send_json({"type": "error", "status": err.status, "error": err.message})
-
-
-async def _refuse(ws: WebSocket, metrics: ServerMetrics | None, err: ApiError) -> None:
-    if metrics is not None:
-        metrics.request("websocket", outcome_of(err.status))
-    try:
-        await ws.send_json({"type": "error", "status": err.status, "error": err.message})
-        await ws.close(code=4000 + err.status, reason=err.message[:120])
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        pass
 
 
 def _add_websocket_schemas(app: FastAPI) -> None:
@@ -368,4 +251,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["ApiError", "create_app"]
+__all__ = ["create_app"]
