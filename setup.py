@@ -33,7 +33,7 @@ ext_modules, cmdclass = _optional_extensions()
 setup(
     packages=find_packages(include=["streamt1_engine", "streamt1_engine.*"]) + _kernel_packages(),
     package_dir={"streamt1_engine.kernels": "kernels"},
-    package_data={"streamt1_engine": ["assets/tiny/*"]},
+    package_data={"streamt1_engine": ["assets/tiny/*", "serving/*.html"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -100,6 +100,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     _search_flags(gen)
     if generate_defaults:
         gen.set_defaults(**generate_defaults)
+    from .serving.command import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -362,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "serve":
+            from .serving.command import serve
+
+            return serve(args)
     except StreamT1Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
