@@ -61,7 +61,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"streamt1-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a video from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None,
+                     help="the prompt (may be left out when --prompt-schedule gives the chunk-0 prompt)")
     gen.add_argument("-o", "--output", default="out.mp4", help="mp4 path; the JSON record goes beside it")
     gen.add_argument("--model", default="tiny",
                      help="tiny (embedded, default), random-tiny, an engine/diffusers directory, a checkpoint or hub id")
@@ -80,6 +81,11 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
                      help="attention layout (default: from the checkpoint format; self-forcing/causvid: global "
                           "over 21 frames, longlive: local 12 incl. sink 3, stream-t1: longlive + sink up to 15)")
     gen.add_argument("--chunks", type=int, default=7, help="number of chunks (3 latent frames each)")
+    gen.add_argument("--prompt-schedule", default=None, metavar="FILE",
+                     help="prompt switches mid-stream (LongLive's recache): a JSON {chunk: prompt} file or a LongLive "
+                          "JSONL file ({\"prompts\": [...], \"switch_frame_indices\": [...]} per line)")
+    gen.add_argument("--prompt-schedule-line", type=int, default=0, metavar="N",
+                     help="which line of a JSONL --prompt-schedule to use (from 0)")
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
@@ -224,7 +230,10 @@ def generate(args) -> int:
 
     output = Path(args.output)
     record_path = check_output(output)
-    require_text(args.prompt, "prompt")
+    if args.prompt is None and args.prompt_schedule is None:
+        raise StreamT1Error("prompt is empty (give a prompt, or a --prompt-schedule with a chunk-0 prompt)")
+    if args.prompt is not None:
+        require_text(args.prompt, "prompt")
     search = search_config(args)
     _warn_ignored(args, search)
     import torch
@@ -237,6 +246,13 @@ def generate(args) -> int:
                                             cuda_graphs=args.cuda_graphs, memory_limit=memory_limit,
                                             **stream_options(args))
     fps = args.fps if args.fps is not None else engine.fps
+    schedule = None
+    if args.prompt_schedule is not None:
+        from .prompt_schedule import load_prompt_schedule, split_schedule
+
+        schedule = load_prompt_schedule(args.prompt_schedule, num_chunks=args.chunks,
+                                        chunk_frames=engine.config.stream.chunk_frames, line=args.prompt_schedule_line)
+        args.prompt = split_schedule(schedule, args.prompt)[0]
     estimate = engine.check_memory(num_chunks=args.chunks, search=search, height=args.height, width=args.width)
     factor = engine.vae.spatial_factor
     stream_cfg = engine.config.stream
@@ -284,7 +300,7 @@ def generate(args) -> int:
                 for chunk in engine.stream(args.prompt, num_chunks=args.chunks, seed=args.seed, search=search,
                                            short_reward=args.short_reward, long_reward=args.long_reward,
                                            final_reward=args.final_reward, height=args.height, width=args.width,
-                                           progress=progress, info=info):
+                                           progress=progress, info=info, prompt_schedule=schedule):
                     with guard.writing():
                         writer.append(chunk.frames.numpy())
                         seeds.append(chunk.seed)

@@ -21,10 +21,11 @@ from .cache import BlockPool, PagedKVCache, page_tokens_for
 from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
-from .errors import StreamT1Error, require
+from .errors import EngineBusy, StreamT1Error, require
 from .memory import DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, refusal
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
+from .prompt_schedule import parse_prompt_schedule, split_schedule
 from .sampler import EagerDenoiser, make_schedule
 from .scheduler import Demand, Scheduler
 from .search.beam_search import BeamSearch, ChunkRecord
@@ -220,12 +221,15 @@ class StreamT1Engine:
                                dtype=parse_dtype(dtype, self.device) if dtype is not None else None)
 
     # -- generation -------------------------------------------------------------------------------
-    def _check_request(self, prompt, num_chunks, seed, search, height, width):
+    def _check_request(self, prompt, num_chunks, seed, search, height, width, stream_preset=None):
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
         require_text(prompt, "prompt")
         require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
                 f"num_chunks must be a positive integer, got {num_chunks!r}")
         stream = self.config.stream
+        if stream_preset is not None:  # another attention layout over the same latent size: pages stay shareable
+            stream = StreamConfig.preset(stream_preset, latent_height=stream.latent_height,
+                                         latent_width=stream.latent_width, max_frames=stream.max_frames)
         require(not stream.is_global or num_chunks * stream.chunk_frames <= stream.max_stream_frames,
                 f"num_chunks {num_chunks} is too long for global attention: at most "
                 f"{stream.max_stream_frames // stream.chunk_frames} chunks ({stream.max_stream_frames} latent frames, "
@@ -324,34 +328,38 @@ class StreamT1Engine:
     # -- many streams: submit, the worker thread, handles ---------------------------------------------
     def submit(self, prompt: str, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                height: int | None = None, width: int | None = None, short_reward=None, long_reward=None,
-               final_reward=None, prompt_schedule: dict[int, str] | None = None,
+               final_reward=None, prompt_schedule=None,
                callback_on_chunk_end: Callable | None = None, max_buffered_chunks: int = 8,
-               request_id: str | None = None) -> StreamHandle:
+               request_id: str | None = None, stream_preset: str | None = None) -> StreamHandle:
         """Queue one stream (thread-safe) and return its handle; input errors are raised here, before queueing.
 
         The engine's worker thread runs one chunk step for every admitted stream per iteration, their
         candidates in one forward; a request's output equals running it alone with the same seed.
-        ``prompt_schedule``: {chunk index: prompt}, a switch before that chunk (LongLive's recache).
+        ``prompt_schedule``: {chunk index: prompt}, a switch before that chunk (LongLive's recache), or any form
+        ``prompt_schedule.parse_prompt_schedule`` reads (a LongLive JSONL line); a chunk-0 entry must equal ``prompt``.
         ``callback_on_chunk_end(handle, index, record)``: called in the worker after every chunk; returning
         False stops the stream (as ``handle.stop()``). ``max_buffered_chunks``: final chunks the stream may get
-        ahead of its consumer before it pauses (backpressure)."""
+        ahead of its consumer before it pauses (backpressure). ``stream_preset``: this stream's attention layout
+        ("self-forcing", "longlive", ...; default the engine's), with the engine's latent size."""
         return self._submit(prompt, num_chunks=num_chunks, seed=seed, search=search, height=height, width=width,
                             short_reward=short_reward, long_reward=long_reward, final_reward=final_reward,
                             prompt_schedule=prompt_schedule, callback_on_chunk_end=callback_on_chunk_end,
-                            max_buffered_chunks=max_buffered_chunks, request_id=request_id)
+                            max_buffered_chunks=max_buffered_chunks, request_id=request_id,
+                            stream_preset=stream_preset)
 
     def _submit(self, prompt, *, num_chunks, seed, search, height, width, short_reward, long_reward, final_reward,
                 prompt_schedule=None, callback_on_chunk_end=None, max_buffered_chunks=8, request_id=None,
+                stream_preset=None,
                 info: dict | None = None, report_progress: bool = False) -> StreamHandle:
-        search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width)
+        search, stream_cfg = self._check_request(prompt, num_chunks, seed, search, height, width, stream_preset)
         estimate, memory_limit, out_of_memory = self._check_memory(stream_cfg, search, num_chunks)
         rewards = self._rewards(search, short_reward, long_reward, final_reward)
         require(search.uses_rewards is False or (rewards[0] is not None and rewards[1] is not None),
                 f"search {search.strategy!r} needs a short-term and a long-term reward")
-        schedule = dict(prompt_schedule or {})
-        for index, text in schedule.items():
-            require(isinstance(index, int) and not isinstance(index, bool) and 1 <= index < num_chunks,
-                    f"prompt_schedule keys are chunk indices in [1, {num_chunks}), got {index!r}")
+        _, switches = split_schedule(parse_prompt_schedule(prompt_schedule, num_chunks=num_chunks,
+                                                               chunk_frames=stream_cfg.chunk_frames), prompt)
+        schedule = dict(switches)
+        for text in schedule.values():
             self._check_prompt(text)
         require(callback_on_chunk_end is None or callable(callback_on_chunk_end),
                 "callback_on_chunk_end must be callable")
@@ -369,7 +377,8 @@ class StreamT1Engine:
                         max(search.first_chunk_candidates, search.survivors * search.children_per_beam),
                         _page_key(stream_cfg))
         with self._lock:
-            require(not self._closed, "this engine is closed")
+            if self._closed:
+                raise EngineBusy("this engine is closed")
             self._scheduler.submit(request_id, demand)
             self._handles[request_id] = handle
             self._out_of_memory[request_id] = out_of_memory
@@ -426,7 +435,6 @@ class StreamT1Engine:
     def _check_prompt(self, prompt) -> None:
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
         require_text(prompt, "prompt")
-        require(hasattr(BeamSearch, "switch_prompt"), "prompt switching is not available in this build")
 
     def _wake(self) -> None:
         with self._lock:
@@ -725,12 +733,14 @@ class StreamT1Engine:
     def stream(self, prompt: str, *, num_chunks: int = 7, seed: int = 42, search: str | SearchConfig = "none",
                short_reward=None, long_reward=None, final_reward=None, height: int | None = None,
                width: int | None = None, progress: Callable[[int, int], None] | None = None,
-               info: dict | None = None) -> Iterator[StreamChunk]:
+               info: dict | None = None, prompt_schedule=None, stream_preset: str | None = None
+               ) -> Iterator[StreamChunk]:
         """Yield each chunk as soon as every surviving beam agrees on it; the rest after the final pick.
 
         ``search``: "none", "best_of_n", "stream_t1" or a SearchConfig. Rewards: names, reward objects or
         callables ``f(frames [N, T, 3, H, W] in [0, 1], prompt) -> [N]`` (defaults: the model's, else the
         weight-free built-ins). ``progress(done, total)`` is called after every chunk, in the caller's thread.
+        ``prompt_schedule``, ``stream_preset``: as in ``submit``.
 
         The stream is submitted at the first ``next()``; several streams (generators, threads) run at once,
         their candidates batched. Closing the generator early cancels the stream.
@@ -739,7 +749,8 @@ class StreamT1Engine:
         records, and ``memory_estimate`` from the start; the rest once the stream has finished)."""
         return self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, short_reward=short_reward,
                             long_reward=long_reward, final_reward=final_reward, height=height, width=width,
-                            progress=progress, info=info)
+                            progress=progress, info=info, prompt_schedule=prompt_schedule,
+                            stream_preset=stream_preset)
 
     def _stream(self, prompt, *, progress, info, **options) -> Iterator[StreamChunk]:
         handle = self._submit(prompt, info=info, report_progress=progress is not None, **options)
@@ -757,7 +768,8 @@ class StreamT1Engine:
                  **kwargs) -> GenerationResult:
         """Run the whole stream and return frames uint8 [T, H, W, 3], latents and the per-chunk records."""
         info: dict[str, Any] = {}
-        options = dict(short_reward=None, long_reward=None, final_reward=None, height=None, width=None, progress=None)
+        options = dict(short_reward=None, long_reward=None, final_reward=None, height=None, width=None, progress=None,
+                       prompt_schedule=None, stream_preset=None)
         unknown = set(kwargs) - set(options)
         require(not unknown, f"unknown generate() options: {sorted(unknown)}")
         options.update(kwargs)

@@ -3,6 +3,11 @@
 from .kernels.errors import StreamT1Error  # defined there: the kernels import nothing of the engine
 
 
+class EngineBusy(StreamT1Error):
+    """The engine cannot take a request now (its queue is full, or it is closed): the request itself is fine,
+    so a server answers it with "retry later" (503) rather than "bad request"."""
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise StreamT1Error(message)

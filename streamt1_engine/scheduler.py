@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .errors import StreamT1Error, require
+from .errors import EngineBusy, StreamT1Error, require
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Scheduler:
             raise StreamT1Error(f"request {request_id!r} runs {demand.candidates} candidates per forward, more "
                                 f"than max_batch={self.max_batch}; use a smaller search or raise max_batch")
         if len(self._queue) >= self.max_queue:
-            raise StreamT1Error(f"the request queue is full ({self.max_queue} waiting, {len(self._running)} "
+            raise EngineBusy(f"the request queue is full ({self.max_queue} waiting, {len(self._running)} "
                                 "running); retry later or raise max_queue")
         self._queue[request_id] = demand
 

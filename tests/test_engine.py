@@ -194,6 +194,25 @@ def test_cli_stream_t1_verbose_record(tmp_path, caplog):
     assert record["final_beam_scores"] is not None and len(record["final_beam_scores"]) == 2
 
 
+def test_cli_prompt_schedule_from_a_longlive_jsonl_line(tmp_path, capsys):
+    schedule = tmp_path / "switches.jsonl"
+    lines = [{"prompts": ["a red circle", "a blue square"], "switch_frame_indices": [3]},
+             {"prompts": ["a green triangle", "a white circle"], "switch_frame_indices": [6]}]
+    schedule.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "switch.mp4"
+    code = main(["generate", "-o", str(out), "--model", "random-tiny", "--chunks", "3", "--no-progress",
+                 "--prompt-schedule", str(schedule), "--prompt-schedule-line", "1"])
+    assert code == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["prompt"] == "a green triangle" and record["num_frames"] == 9
+    assert [(s["chunk"], s["prompt"]) for s in record["prompt_switches"]] == [(2, "a white circle")]
+    assert main(["generate", "a red square", "-o", str(tmp_path / "y.mp4"), "--model", "random-tiny",
+                 "--prompt-schedule", str(schedule)]) == 2
+    assert "chunk-0 prompt" in capsys.readouterr().err
+    assert main(["generate", "-o", str(tmp_path / "z.mp4"), "--model", "random-tiny"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", "", "-o", str(tmp_path / "x.mp4"), "--model", "random-tiny"]) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ import torch
 from helpers import brightness, smoothness
 from streamt1_engine import SearchConfig, StreamT1Engine, StreamT1Error
 from streamt1_engine import engine as engine_module
+from streamt1_engine.errors import EngineBusy
 from streamt1_engine.cache import PagedKVCache
 from streamt1_engine.search.beam_search import BeamSearch
 
@@ -139,9 +140,9 @@ def test_full_queue_refuses_with_one_clear_error():
             time.sleep(0.01)
         queued = engine.submit("b", num_chunks=2)
         assert queued.status == "queued" and engine.stats()["queued"] == 1
-        with pytest.raises(StreamT1Error, match="queue is full") as e:
+        with pytest.raises(EngineBusy, match="queue is full") as e:  # a StreamT1Error a server answers 503
             engine.submit("c", num_chunks=2)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and isinstance(e.value, StreamT1Error)
         queued.cancel()  # a queued request leaves the queue at once
         assert queued.status == "cancelled" and engine.stats()["queued"] == 0
         engine.submit("c", num_chunks=1).cancel()
@@ -245,17 +246,40 @@ def test_prompt_switches_reach_the_search_at_their_chunk(engine, monkeypatch):
         calls.append((self.chunk_index, prompt))
         self.prompt, self.text = prompt, text
 
-    monkeypatch.delattr(BeamSearch, "switch_prompt", raising=False)
-    with pytest.raises(StreamT1Error, match="prompt switching is not available"):
-        engine.submit("a", num_chunks=3, prompt_schedule={1: "b"})
-    monkeypatch.setattr(BeamSearch, "switch_prompt", switch_prompt, raising=False)
-    with pytest.raises(StreamT1Error, match="prompt_schedule keys"):
+    monkeypatch.setattr(BeamSearch, "switch_prompt", switch_prompt)
+    with pytest.raises(StreamT1Error, match="out of range"):
         engine.submit("a", num_chunks=3, prompt_schedule={3: "b"})
+    with pytest.raises(StreamT1Error, match="chunk-0 prompt"):
+        engine.submit("a", num_chunks=3, prompt_schedule={0: "z", 1: "b"})
     handle = engine.submit("a", num_chunks=4, prompt_schedule={2: "b"}, max_buffered_chunks=1)
     next(handle.chunks(timeout=300))
     handle.switch_prompt("c")
     list(handle.chunks(timeout=300))
     assert (2, "b") in calls and any(p == "c" for _, p in calls) and all(i >= 1 for i, _ in calls)
+
+
+def test_a_longlive_schedule_line_equals_the_same_switches_as_a_dict(engine):
+    line = {"prompts": ["a red circle", "a blue square"], "switch_chunk_indices": [2]}
+    a = engine.generate("a red circle", num_chunks=3, seed=5, prompt_schedule=line)
+    b = engine.generate("a red circle", num_chunks=3, seed=5, prompt_schedule={2: "a blue square"})
+    assert_same(a, b)
+    assert [s["chunk"] for s in a.info["prompt_switches"]] == [2]
+
+
+def test_streams_of_different_stream_presets_share_the_pool_and_equal_each_alone(engine, batch_sizes):
+    """A global-attention stream beside the engine's local one: same latent size, so the same pages."""
+    requests = [dict(prompt="a red circle", num_chunks=6, seed=7, search=BEST_OF_3, **REWARDS),
+                dict(prompt="a blue square", num_chunks=5, seed=8, stream_preset="self-forcing")]
+    alone = [engine.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in requests]
+    assert alone[1].info["stream"]["local_attn_size"] == -1 != alone[0].info["stream"]["local_attn_size"]
+    batch_sizes.clear()
+    handles = [engine.submit(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in requests]
+    for handle, expected in zip(handles, alone):
+        assert_same(handle.result(timeout=300), expected)
+    assert max(batch_sizes) == 2
+    assert_pool_empty(engine)
+    with pytest.raises(StreamT1Error, match="unknown stream preset"):
+        engine.submit("a", stream_preset="nope")
 
 
 # -- astream ------------------------------------------------------------------------------------------------
@@ -344,7 +368,7 @@ def test_close_cancels_everything():
     waiting = engine.submit("b", num_chunks=5)
     engine.close()
     assert running.status == "cancelled" and waiting.status == "cancelled"
-    with pytest.raises(StreamT1Error, match="closed"):
+    with pytest.raises(EngineBusy, match="closed"):
         engine.submit("c")
 
 

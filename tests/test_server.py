@@ -126,6 +126,7 @@ def test_four_concurrent_streams_bad_requests_and_a_disconnect(engine):
             "too many candidates": (dict(prompt=PROMPT, search={"strategy": "best_of_n", "num_candidates": 9}), 422,
                                     "limit of 8"),
             "a string for an integer": (dict(prompt=PROMPT, num_chunks="3"), 422, "num_chunks"),
+            "unknown stream preset": (dict(prompt=PROMPT, stream_preset="wide"), 422, "unknown stream preset 'wide'"),
         }
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for name, (payload, status, text) in bad.items():

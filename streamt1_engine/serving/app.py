@@ -98,7 +98,8 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
         try:
             return await in_worker(lambda: engine.submit(
                 req.prompt, num_chunks=req.num_chunks, seed=req.seed, search=search, height=req.height,
-                width=req.width, prompt_schedule=req.prompt_schedule, max_buffered_chunks=limits.buffered_chunks,
+                width=req.width, prompt_schedule=req.prompt_schedule, stream_preset=req.stream_preset,
+                max_buffered_chunks=limits.buffered_chunks,
                 **submit_options))
         except Exception as exc:
             slots.give_back()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from ..errors import StreamT1Error
+from ..errors import EngineBusy, StreamT1Error
 from .limits import LimitExceeded
 from .schemas import ErrorResponse
 
@@ -28,10 +28,10 @@ def classify(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, LimitExceeded):
         return ApiError(exc.status, str(exc))
+    if isinstance(exc, EngineBusy):  # the engine's state, not the request's fault
+        return ApiError(503, str(exc))
     if isinstance(exc, StreamT1Error):
-        text = str(exc)
-        busy = "queue is full" in text or "engine is closed" in text  # the engine's, not the request's fault
-        return ApiError(503 if busy else 422, text)
+        return ApiError(422, str(exc))
     if isinstance(exc, ValidationError):
         return ApiError(422, validation_message(exc.errors()))
     return ApiError(500, f"{type(exc).__name__}: {exc}")

@@ -48,6 +48,8 @@ class GenerateRequest(BaseModel):
     prompt_schedule: dict[Annotated[int, Strict(False)], str] | None = Field(
         default=None, description='prompt switches {"chunk index": "prompt"}, applied before that chunk '
                                   "(LongLive-style recache of the cached window)")
+    stream_preset: str | None = Field(default=None, description="attention layout of this stream (self-forcing, "
+                                                                "causvid, longlive, stream-t1; default: the model's)")
 
     def search_config(self) -> SearchConfig:
         """The request's SearchConfig; its own checks raise StreamT1Error on a bad choice or range."""
