@@ -140,7 +140,8 @@ class StreamT1Engine:
         ignored with a warning on CPU). ``compile_blocks``: experimental ``torch.compile`` of every DiT block.
         ``sync_stages``: synchronise the device at stage boundaries so per-stage seconds are exact.
         ``memory_limit``: bytes a run may take on top of the loaded weights; "auto" (default) is what the
-        device has free (available RAM on CPU), None turns the up-front check off (the estimate is per request).
+        device has free (available RAM on CPU), None turns the up-front check off; a request whose estimate does not
+        fit alone is refused, one that fits alone but not beside the running streams waits for them.
         ``max_streams``: streams running at once (their candidates denoise in one forward); ``max_queue``:
         requests waiting beyond that (``submit`` refuses past it); ``kv_pages``: a fixed KV pool size in pages
         (None: the pool grows to what the admitted streams reserve); ``max_batch``: most candidates in one
@@ -375,8 +376,12 @@ class StreamT1Engine:
         handle.info.update(records=handle.records, memory_estimate=estimate.to_dict(), memory_limit=memory_limit)
         demand = Demand(PagedKVCache.pages_needed(stream_cfg, search.survivors, search.first_chunk_candidates),
                         max(search.first_chunk_candidates, search.survivors * search.children_per_beam),
-                        _page_key(stream_cfg))
+                        _page_key(stream_cfg), estimate.run)
         with self._lock:
+            if not self._scheduler.running:
+                # what the streams may take together: the limit as it stands while the engine is idle ("auto":
+                # the device's free memory then, which running streams would otherwise seem to shrink)
+                self._scheduler.memory_budget = memory_limit
             if self._closed:
                 raise EngineBusy("this engine is closed")
             self._scheduler.submit(request_id, demand)

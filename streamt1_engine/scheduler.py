@@ -22,13 +22,17 @@ class Demand:
     pages: int  # worst-case KV pages (reserved at admission)
     candidates: int  # most rows it puts into one forward
     page_key: tuple  # layout of its pages; streams of one pool share it
+    memory: int = 0  # bytes its run needs besides the weights (the engine's up-front estimate)
 
 
 class Scheduler:
     """Which requests run and which wait; every method is O(streams) host work, no tensors.
 
     ``kv_pages``: fixed pool size (None: the pool grows to what the admitted streams reserve).
-    ``max_batch``: most candidates in one forward (None: no cap beyond ``max_streams``)."""
+    ``max_batch``: most candidates in one forward (None: no cap beyond ``max_streams``).
+    ``memory_budget``: bytes the running streams' estimates may add up to (None: no check); a stream alone is
+    always admitted (a request that cannot fit alone is refused before it is queued), a second one waits
+    until the sum fits, so several streams never take more than one of them was allowed."""
 
     def __init__(self, max_streams: int = 4, max_queue: int = 64, kv_pages: int | None = None,
                  max_batch: int | None = None):
@@ -40,6 +44,7 @@ class Scheduler:
                     f"{name} must be None or a positive integer, got {value!r}")
         self.max_streams, self.max_queue = max_streams, max_queue
         self.kv_pages, self.max_batch = kv_pages, max_batch
+        self.memory_budget: int | None = None
         self._queue: OrderedDict[str, Demand] = OrderedDict()
         self._running: dict[str, Demand] = {}
 
@@ -86,6 +91,9 @@ class Scheduler:
         if self.kv_pages is not None and self.pages_reserved + demand.pages > self.kv_pages:
             return False
         if self.max_batch is not None and sum(d.candidates for d in running) + demand.candidates > self.max_batch:
+            return False
+        if self.memory_budget is not None and running and \
+                sum(d.memory for d in running) + demand.memory > self.memory_budget:
             return False
         return True
 

@@ -169,6 +169,28 @@ def test_fixed_pool_makes_the_next_stream_wait_not_fail(alone):
         engine.close()
 
 
+def test_a_memory_limit_for_one_stream_makes_the_second_wait_not_fail(alone):
+    first, second = REQUESTS[2], REQUESTS[0]
+    probe = StreamT1Engine.from_pretrained("random-tiny", device="cpu")
+    need = [probe.estimate_memory(num_chunks=r["num_chunks"], search=r["search"]).run for r in (first, second)]
+    probe.close()
+    engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu", max_streams=4,
+                                            memory_limit=max(need) + min(need) // 2)  # each alone, not both
+    try:
+        a = engine.submit(first["prompt"], max_buffered_chunks=1, **{k: v for k, v in first.items() if k != "prompt"})
+        deadline = time.monotonic() + 60
+        while a.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = engine.submit(second["prompt"], **{k: v for k, v in second.items() if k != "prompt"})
+        time.sleep(0.2)
+        assert b.status == "queued" and engine.stats()["running"] == 1
+        assert_same(a.result(timeout=300), alone[2])
+        assert_same(b.result(timeout=300), alone[0])
+        assert engine.stats()["pages_in_use"] == 0
+    finally:
+        engine.close()
+
+
 def test_a_stream_of_another_frame_size_waits_for_an_empty_pool(engine):
     wide_alone = engine.generate("a wide stream", num_chunks=2, seed=4, height=16, width=48)
     first = engine.submit("the first stream", num_chunks=4, seed=1, max_buffered_chunks=1)

@@ -7,8 +7,8 @@ from streamt1_engine.scheduler import Demand, Scheduler
 KEY = (3, 8, 8)
 
 
-def demand(pages=4, candidates=1, key=KEY):
-    return Demand(pages, candidates, key)
+def demand(pages=4, candidates=1, key=KEY, memory=0):
+    return Demand(pages, candidates, key, memory)
 
 
 def test_fifo_admission_up_to_max_streams():
@@ -35,6 +35,23 @@ def test_page_budget_reserves_worst_case_and_frees_at_once():
     s.finish("a")
     assert s.pages_reserved == 5
     assert s.admit() == ["c"] and s.pages_reserved == 7
+
+
+def test_memory_budget_lets_a_stream_run_alone_and_the_next_wait_for_room():
+    s = Scheduler(max_streams=8, max_queue=10)
+    s.memory_budget = 10
+    for name, memory in (("a", 6), ("b", 5), ("c", 4)):
+        s.submit(name, demand(memory=memory))
+    assert s.admit() == ["a"]  # 6 + 5 > 10: b waits, and c behind it (no overtaking)
+    s.finish("a")
+    assert s.admit() == ["b", "c"]  # 5 + 4 <= 10
+    s.finish("b")
+    s.finish("c")
+    s.submit("big", demand(memory=12))  # more than the budget alone: the engine refused it before; runs alone
+    assert s.admit() == ["big"]
+    s.memory_budget = None
+    s.submit("d", demand(memory=100))
+    assert s.admit() == ["d"]
 
 
 def test_no_overtaking_a_large_request_at_the_head():
