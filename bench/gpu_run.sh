@@ -8,6 +8,7 @@
 #   env        GPU, driver, versions, optional packages; installs this checkout offline if needed
 #   attention  bench_attention.py: the paged kernels against gathered SDPA (flash / cuDNN), N = 1 and 4
 #   chunk      bench_chunk.py: one chunk, N = 1 and 4, eager and CUDA graphs
+#   serving    bench_serving.py: 1 and 4 concurrent streams batched against the same run one after another
 #   e2e        bench_e2e.py: a 5 s video, stream_t1 and none, eager and graphs
 #   gpu_tests  pytest -m gpu, autotuning off, a timeout per test
 #   reference  bench_reference.py --require-match: speed-up over the reference way, same decisions
@@ -29,7 +30,7 @@ esac
 out=$1
 py=${PYTHON:-python3}
 budget=${GPU_RUN_BUDGET_S:-470}
-steps=${GPU_RUN_STEPS:-env attention chunk e2e gpu_tests reference vae}
+steps=${GPU_RUN_STEPS:-env attention chunk serving e2e gpu_tests reference vae}
 export PYTHONUNBUFFERED=1
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -174,6 +175,9 @@ for name in $steps; do
                 --out "$results/attention" ;;
         chunk) step chunk 100 "N = 1 4, eager + graphs" \
             "$py" bench/bench_chunk.py --n 1 4 --modes eager graphs $sizes --out "$results/chunk" ;;
+        serving) step serving 90 "1 and 4 streams, stream_t1 B=2 K=2 and none, 3 chunks, eager" \
+            "$py" bench/bench_serving.py --streams 1 4 --chunks $([ $dry_run -eq 1 ] && echo 1 || echo 3) $sizes \
+            --out "$results/serving" ;;
         e2e)
             vae="" vae_note="Wan2.1 VAE architecture, random weights"
             [ $dry_run -eq 1 ] && vae_note="tiny sizes: weight-free VAE"

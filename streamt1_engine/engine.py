@@ -389,6 +389,7 @@ class StreamT1Engine:
             self._out_of_memory[request_id] = out_of_memory
             if self._worker_thread is None:
                 self._worker_thread = threading.Thread(target=self._work, name="streamt1-engine", daemon=True)
+                _WORKER_THREADS.add(self._worker_thread)
                 self._worker_thread.start()
             self._wakeup.notify_all()
         return handle
@@ -788,13 +789,19 @@ class StreamT1Engine:
 
 WORKER_IDLE_EXIT_S = 2.0  # an idle worker thread ends; the next submit starts another
 _LIVE_ENGINES: "weakref.WeakSet[StreamT1Engine]" = weakref.WeakSet()
+_WORKER_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
 
 
 @atexit.register
 def _close_engines_at_exit() -> None:
-    """A worker thread still inside a forward when the interpreter tears down aborts the process: stop them."""
+    """A worker thread still running Python when the interpreter tears down aborts the process (inside a forward,
+    or freeing the last reference to its engine's tensors after an idle exit): stop them, then wait for every
+    worker thread, including those already on their way out."""
     for engine in list(_LIVE_ENGINES):
         engine.close()
+    for thread in list(_WORKER_THREADS):
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 def _page_key(stream_cfg: StreamConfig) -> tuple:

@@ -155,7 +155,7 @@ def test_gpu_run_dry_run_end_to_end(tmp_path):
     assert "dry run" in summary and summary.strip().splitlines()[-1] in res.stdout
     has_diffusers = importlib.util.find_spec("diffusers") is not None
     has_triton = importlib.util.find_spec("triton") is not None
-    for step in ("env", "chunk", "e2e", "gpu_tests", "reference"):
+    for step in ("env", "chunk", "serving", "e2e", "gpu_tests", "reference"):
         assert f"| {step} | ok |" in summary, summary
     assert ("| vae | ok |" if has_diffusers else "| vae | skipped (no diffusers) |") in summary
     assert ("| attention | ok |" if has_triton else "| attention | skipped (no triton) |") in summary
@@ -163,6 +163,7 @@ def test_gpu_run_dry_run_end_to_end(tmp_path):
     with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
     assert {"results/summary.md", "results/env.log", "results/gpu_tests.log", "results/chunk/bench_chunk.md",
+            "results/serving/bench_serving.md",
             "results/e2e/bench_e2e.md", "results/reference/bench_reference.md"} <= names
     assert not has_triton or "results/attention/bench_attention.md" in names
 

@@ -560,6 +560,26 @@ def test_batch_invariant_model_rows_equal_each_row_alone():
             assert torch.equal(batched[row:row + 1], alone), f"row {row}"
 
 
+def test_interpreter_exit_waits_for_a_worker_that_is_freeing_its_engine():
+    """An idle worker that exits drops the last reference to its engine and frees its tensors in its own
+    thread; an interpreter exit during that free used to abort the process (about one exit in six here). The
+    exit must wait for it: the slow free below prints only if the process waited."""
+    import subprocess
+    import sys
+
+    script = ("import time\nimport streamt1_engine.engine as m\nfrom streamt1_engine import StreamT1Engine\n"
+              "class SlowToFree:\n    def __del__(self):\n        time.sleep(0.5)\n        print('freed', flush=True)\n"
+              "m.WORKER_IDLE_EXIT_S = 0.2\n"
+              "engine = StreamT1Engine.from_pretrained('random-tiny', device='cpu')\n"
+              "engine.generate('a short stream', num_chunks=1)\n"
+              "engine.slow_to_free = SlowToFree()\n"
+              "del engine  # the idle worker holds the last reference now\n"
+              "time.sleep(0.45)  # the worker has gone idle, exited, and is inside the slow free\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "freed"
+
+
 def test_interpreter_exit_with_a_running_stream_is_clean():
     """A worker thread left inside a forward at interpreter exit used to abort the process (C++ terminate)."""
     import subprocess
