@@ -119,6 +119,16 @@ class GenerationResult:
     fps: int
     info: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_chunks(cls, prompt: str, chunks: list[StreamChunk], records: list[ChunkRecord], fps: int,
+                    info: dict) -> "GenerationResult":
+        """The whole video from a stream's final chunks; ``info`` is the run record (its live ``records``
+        entry is left out: the records are ``chunks``)."""
+        info = {k: v for k, v in info.items() if k != "records"}
+        info["chunk_seeds"] = [c.seed for c in chunks]
+        return cls(prompt, torch.cat([c.frames for c in chunks]), torch.cat([c.latents for c in chunks], dim=1),
+                   list(records), fps, info)
+
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "num_frames": int(self.frames.shape[0]),
                 "frame_size": list(self.frames.shape[1:3]), "fps": self.fps, **self.info,
@@ -223,8 +233,7 @@ class StreamT1Engine:
 
     # -- generation -------------------------------------------------------------------------------
     def _check_request(self, prompt, num_chunks, seed, search, height, width, stream_preset=None):
-        require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
-        require_text(prompt, "prompt")
+        self._check_prompt(prompt)
         require(isinstance(num_chunks, int) and not isinstance(num_chunks, bool) and num_chunks >= 1,
                 f"num_chunks must be a positive integer, got {num_chunks!r}")
         stream = self.config.stream
@@ -449,15 +458,19 @@ class StreamT1Engine:
     def _cancel(self, handle: StreamHandle) -> None:
         with self._lock:
             if self._scheduler.is_queued(handle.request_id):
-                self._scheduler.finish(handle.request_id)
-                self._handles.pop(handle.request_id, None)
-                self._out_of_memory.pop(handle.request_id, None)
-                self._counts["streams_cancelled"] += 1
-                handle.end("cancelled")
-                handle.mark_released()
+                self._drop_queued(handle.request_id)
             elif handle.ended:
                 handle.mark_released()
             self._wakeup.notify_all()
+
+    def _drop_queued(self, request_id: str) -> None:
+        """A request that never ran leaves the queue cancelled (it holds no pages). Called with the lock held."""
+        self._scheduler.finish(request_id)
+        handle = self._handles.pop(request_id)
+        self._out_of_memory.pop(request_id, None)
+        self._counts["streams_cancelled"] += 1
+        handle.end("cancelled")
+        handle.mark_released()
 
     # -- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -499,11 +512,7 @@ class StreamT1Engine:
                 self._end(active, a, "cancelled")
             with self._lock:
                 for request_id in self._scheduler.queued:
-                    handle = self._handles.pop(request_id)
-                    self._scheduler.finish(request_id)
-                    self._counts["streams_cancelled"] += 1
-                    handle.end("cancelled")
-                    handle.mark_released()
+                    self._drop_queued(request_id)
                 if self._worker_thread is threading.current_thread():
                     self._worker_thread = None
 
@@ -674,9 +683,8 @@ class StreamT1Engine:
                 seconds=round(time.perf_counter() - a.started, 4), stages=a.timer.summary(),
                 cuda_graphs=self.cuda_graphs,
                 graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
-            switches = getattr(runner, "prompt_switches", None)
-            if switches:
-                handle.info["prompt_switches"] = [s.to_dict() for s in switches]
+            if runner.prompt_switches:
+                handle.info["prompt_switches"] = [s.to_dict() for s in runner.prompt_switches]
         a.search_done = True
         a.final_status = "stopped" if handle.stop_requested else "finished"
         self._release(a)
@@ -780,11 +788,7 @@ class StreamT1Engine:
         require(not unknown, f"unknown generate() options: {sorted(unknown)}")
         options.update(kwargs)
         chunks = list(self._stream(prompt, num_chunks=num_chunks, seed=seed, search=search, info=info, **options))
-        records = info.pop("records")
-        frames = torch.cat([c.frames for c in chunks])
-        latents = torch.cat([c.latents for c in chunks], dim=1)
-        info["chunk_seeds"] = [c.seed for c in chunks]
-        return GenerationResult(prompt, frames, latents, records, self.fps, info)
+        return GenerationResult.from_chunks(prompt, chunks, info["records"], self.fps, info)
 
 
 WORKER_IDLE_EXIT_S = 2.0  # an idle worker thread ends; the next submit starts another

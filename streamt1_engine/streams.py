@@ -121,19 +121,13 @@ class StreamHandle:
         """Wait for the end and return the whole video (a ``GenerationResult``), as ``generate()`` does; only
         before any chunk was taken with ``chunks()``."""
         from .engine import GenerationResult
-        import torch
 
         if self._taken:
             raise StreamT1Error("result() needs every chunk: some were already taken with chunks()")
         got = list(self.chunks(timeout))
         if self._status == "cancelled":
             raise StreamT1Error(f"stream {self.request_id} was cancelled")
-        info = dict(self.info)
-        info.pop("records", None)
-        info["chunk_seeds"] = [c.seed for c in got]
-        frames = torch.cat([c.frames for c in got])
-        latents = torch.cat([c.latents for c in got], dim=1)
-        return GenerationResult(self.request.prompt, frames, latents, list(self.records), self._engine.fps, info)
+        return GenerationResult.from_chunks(self.request.prompt, got, self.records, self._engine.fps, self.info)
 
     def cancel(self, wait: bool = True) -> None:
         """Drop the stream at once: the consumer's iterator ends; its pages return to the pool before this

@@ -51,9 +51,11 @@ class ChunkNode:
     emitted: bool = False  # handed to the caller as a final chunk
     offloaded: bool = False  # out of every window: frames on the host, latents on the host or dropped
 
-    def lineage(self) -> list["ChunkNode"]:
+    def lineage(self, last: int | None = None) -> list["ChunkNode"]:
+        """The chunks from the first to this one; ``last``: only the last ``last`` of them (a walk of that many
+        nodes, not of the whole stream)."""
         nodes, node = [], self
-        while node is not None:
+        while node is not None and (last is None or len(nodes) < last):
             nodes.append(node)
             node = node.parent
         return nodes[::-1]
@@ -106,14 +108,6 @@ def recache_span(stream: StreamConfig) -> int:
     if stream.is_global:
         return stream.window_pages + 1
     return stream.local_attn_size // stream.chunk_frames
-
-
-def _last_nodes(node: "ChunkNode", count: int) -> list["ChunkNode"]:
-    nodes = []
-    while node is not None and len(nodes) < count:
-        nodes.append(node)
-        node = node.parent
-    return nodes[::-1]
 
 
 def to_uint8(frames: torch.Tensor, truncate: bool = False) -> torch.Tensor:
@@ -198,7 +192,7 @@ class BeamSearch:
         """Each candidate's last ``window_chunks`` chunks as one clip, reusing the streamed parent frames."""
         clips = []
         for beam, own in zip(parent_beams, frames_u8):
-            history = beam.node.lineage()[-(self.search.window_chunks - 1):] if (
+            history = beam.node.lineage(self.search.window_chunks - 1) if (
                 beam.node is not None and self.search.window_chunks > 1) else []
             clips.append(torch.cat([n.frames for n in history] + [own], dim=0))
         return to_float(torch.stack(clips))
@@ -215,7 +209,7 @@ class BeamSearch:
             return to_float(short_u8), to_float(short_u8)
         if self.chunk_index < w:  # the window starts at frame 0: its cold decode is the streamed one
             return to_float(short_u8), self._window_video(parent_beams, frames_u8)
-        prefixes = torch.stack([torch.cat([n.latents.to(self.device) for n in beam.node.lineage()[-(w - 1):]],
+        prefixes = torch.stack([torch.cat([n.latents.to(self.device) for n in beam.node.lineage(w - 1)],
                                           dim=1) for beam in self.beams])
         window = decode_cold_windows(self.vae, prefixes, x0, torch.tensor(parents, device=self.device))
         return to_float(short_u8), to_float(to_uint8(window, truncate=True))
@@ -393,7 +387,7 @@ class BeamSearch:
         keep_sink = keep_sink and first > 0
         if keep_sink:
             first, span, num_sink = first + num_sink, span - num_sink, 0
-        tails = [_last_nodes(beam.node, span) for beam in self.beams]
+        tails = [beam.node.lineage(span) for beam in self.beams]
         missing = sorted({n.index for nodes in tails for n in nodes if n.latents is None})
         require(not missing, f"cannot recache chunks {missing} for a prompt switch: their latents were dropped")
         # the old window is never read again (LongLive overwrites it; by default it zeroes its whole cache first)
