@@ -1,6 +1,6 @@
 """Quality bench v2: what each search strategy and each Stream-T1 unit does to the embedded tiny model's videos.
 
-    python bench/bench_quality.py                 # 12 prompts x 4 seeds x 12 chunks (~10 min on 2 cores)
+    python bench/bench_quality.py --workers 2     # 12 prompts x 4 seeds x 12 chunks, one process per core
     python bench/bench_quality.py --tiny          # seconds: CI smoke run (2 prompts, 2 seeds, 3 chunks)
     python bench/bench_quality.py --v1 [--quick]  # the first bench (bench/results/quality-2026-11-24.md)
 
@@ -12,6 +12,7 @@ spurious blobs), which no reward computes. The search gets the model's own rewar
 long-term reward (``procedural_video_motion``), and there signed speed is no longer held out.
 ``best_of_n`` draws beam_size x top_k candidates per chunk, as Stream-T1 does: equal compute. Each
 difference is paired (same prompt and seed) with a 95 % bootstrap interval that resamples prompts.
+APPEND and EMA are shares of the survivor routings after chunk 0 (chunk 0 has nothing to route).
 Results (markdown, per-video JSON, one frame strip per prompt for the first two) go to bench/results/.
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ import datetime
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -100,28 +103,59 @@ def comparisons(names) -> list[tuple[str, str]]:
     return pairs
 
 
-def run(engine, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | None = None) -> dict:
-    """Per method: one record per (prompt, seed) with the metrics, route counts and seconds."""
-    short = ProceduralFrameReward()
-    long_rewards = {"video": ProceduralVideoReward(), "video_motion": video_motion_reward()}
-    cf = engine.config.stream.chunk_frames
-    engine.generate(prompts[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
+_WORKER: dict = {}  # this process's engine and rewards (one per worker process)
+
+
+def _setup(model: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    engine = StreamT1Engine.from_pretrained(model, device="cpu")
+    engine.generate(PROMPTS[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
+    _WORKER.update(engine=engine, short=ProceduralFrameReward(),
+                   long={"video": ProceduralVideoReward(), "video_motion": video_motion_reward()})
+
+
+def _score(job: tuple) -> dict:
+    cfg, long_name, prompt, seed, num_chunks, keep_frames = job
+    engine = _WORKER["engine"]
+    started = time.perf_counter()
+    result = engine.generate(prompt, num_chunks=num_chunks, seed=seed, search=cfg, short_reward=_WORKER["short"],
+                             long_reward=_WORKER["long"][long_name])
+    seconds = time.perf_counter() - started
+    video = result.frames.permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
+    flags = [f for c in result.chunks[1:] for f in c.route_flags]  # chunk 0 has nothing to route
+    record = {"prompt": prompt, "seed": seed, **qm.video_scores(video, prompt, engine.config.stream.chunk_frames),
+              "append": flags.count("APPEND"), "ema": flags.count("EMA"), "routes": len(flags)}
+    return {"record": record, "seconds": seconds, "frames": result.frames if keep_frames else None}
+
+
+def score_videos(model: str, jobs: list[tuple], workers: int = 1, threads: int = 1) -> list[dict]:
+    """Generate and score each job ``(search, long reward name, prompt, seed, chunks, keep frames)``, in order.
+    With ``workers`` > 1 the jobs spread over that many processes, one engine each: a video's frames depend
+    only on its own job, so the records are those of one process."""
+    if workers <= 1 or len(jobs) <= 1:
+        _setup(model, threads)
+        return [_score(job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch has started threads
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_setup,
+                             initargs=(model, threads)) as pool:
+        return list(pool.map(_score, jobs))
+
+
+def run(model: str, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | None = None,
+        workers: int = 1, threads: int = 1) -> dict:
+    """Per method: one record per (prompt, seed) with the metrics, route counts (after chunk 0) and seconds."""
+    keys = [(name, prompt, seed) for name in table for prompt in prompts for seed in seeds]
+    jobs = [(*table[name], prompt, seed, num_chunks, seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS])
+            for name, prompt, seed in keys]
+    scored = score_videos(model, jobs, workers, threads)
     out, strips = {}, {}
-    for name, (cfg, long_name) in table.items():
-        records = []
-        started = time.perf_counter()
-        for prompt in prompts:
-            for seed in seeds:
-                result = engine.generate(prompt, num_chunks=num_chunks, seed=seed, search=cfg,
-                                         short_reward=short, long_reward=long_rewards[long_name])
-                video = result.frames.permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
-                flags = [f for c in result.chunks for f in c.route_flags]
-                records.append({"prompt": prompt, "seed": seed, **qm.video_scores(video, prompt, cf),
-                                "append": flags.count("APPEND"), "ema": flags.count("EMA"), "routes": len(flags)})
-                if seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS]:
-                    strips.setdefault(prompt, []).append(result.frames)
-        seconds = (time.perf_counter() - started) / (len(prompts) * len(seeds))
-        out[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates, "records": records}
+    for name, (cfg, _) in table.items():
+        mine = [s for (n, _, _), s in zip(keys, scored) if n == name]
+        for (n, prompt, _), s in zip(keys, scored):
+            if n == name and s["frames"] is not None:
+                strips.setdefault(prompt, []).append(s["frames"])
+        seconds = sum(s["seconds"] for s in mine) / len(mine)
+        out[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates, "records": [s["record"] for s in mine]}
         print(f"  {name}: {seconds:.2f} s/video", flush=True)
     if strip_dir is not None:
         save_strips(strip_dir, strips)
@@ -210,7 +244,8 @@ def report(results, summary, args, prompts, seeds, num_chunks) -> str:
     cpu = platform.processor() or platform.machine()
     training = training_record(args.model)
     setup = (f"Date {datetime.date.today().isoformat()}; streamt1-engine {version}, torch {torch.__version__}, "
-             f"Python {platform.python_version()}, CPU ({cpu}, {torch.get_num_threads()} threads), float32.  \n"
+             f"Python {platform.python_version()}, CPU ({cpu}, {args.workers} process(es) x {args.threads} thread(s)), "
+             "float32.  \n"
              f"Model `{args.model}`; {len(prompts)} prompts x {len(seeds)} seeds (seeds {seeds[0]}..{seeds[-1]}), "
              f"{num_chunks} chunks per video; Stream-T1 beam_size {BEAM}, top_k {TOP_K}, "
              f"search overrides {overrides(args) or 'none (paper defaults)'}.")
@@ -251,6 +286,8 @@ def main(argv=None):
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: a tiny model gains nothing from more, and a busy CPU loses)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes generating videos at once (e.g. one per core); the records do not change")
     parser.add_argument("--short-threshold", type=float, default=None)
     parser.add_argument("--long-threshold", type=float, default=None)
     parser.add_argument("--ema-alpha", type=float, default=None)
@@ -267,11 +304,12 @@ def main(argv=None):
     check_disjoint(prompts, seeds)
     names = args.methods or (["none", f"best_of_n (n={BEAM * TOP_K})", FULL] if args.tiny else None)
     table = methods(overrides(args), names)
-    engine = StreamT1Engine.from_pretrained(args.model, device="cpu")
     out_dir = args.out_dir if args.out_dir is not None or args.tiny else Path(__file__).parent / "results"
     stem = args.name or f"quality-v2-{datetime.date.today().isoformat()}"
-    print(f"model {engine.name}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks", flush=True)
-    results = run(engine, table, prompts, seeds, num_chunks, out_dir / f"{stem}-strips" if out_dir else None)
+    print(f"model {args.model}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
+          f"{args.workers} worker(s)", flush=True)
+    results = run(args.model, table, prompts, seeds, num_chunks, out_dir / f"{stem}-strips" if out_dir else None,
+                  args.workers, args.threads)
     summary = summarise(results, args.resamples)
     text = report(results, summary, args, prompts, seeds, num_chunks)
     print(text)

@@ -1,6 +1,6 @@
 """Sweep Stream-T1's memory-routing thresholds and EMA alpha on long streams of the embedded tiny model.
 
-    python bench/bench_quality_sweep.py                       # 4 prompts x 2 seeds x 60 chunks, a 3x3x3 grid
+    python bench/bench_quality_sweep.py --workers 2           # 4 prompts x 2 seeds x 60 chunks, a 3x3x3 grid
     python bench/bench_quality_sweep.py --tiny                # seconds: 1 prompt, 1 seed, a 2-point grid
     python bench/bench_quality_sweep.py --short 0 -0.01 --long 0.2 0.02 --alpha 0.999 0.9 --chunks 60
 
@@ -27,31 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 import bench_quality_metrics as qm  # noqa: E402
 
-from streamt1_engine.engine import StreamT1Engine  # noqa: E402
 from streamt1_engine.search.config import SearchConfig  # noqa: E402
-from streamt1_engine.tiny.rewards import ProceduralFrameReward, ProceduralVideoReward  # noqa: E402
 
 DEFAULT_GRID = {"short": [0.0, -0.005, -0.02], "long": [0.2, 0.02, 0.0], "alpha": [0.999, 0.99, 0.9]}
 TINY_GRID = {"short": [0.0], "long": [0.2, -1.0], "alpha": [0.9]}
 REPORTED = ("composite", "seam_ratio", "spurious_blobs", "square_fill")
 
 
-def stream(engine, cfg: SearchConfig, prompts, seeds, num_chunks: int) -> list[dict]:
-    """One record per (prompt, seed): held-out metrics and route counts."""
-    short, long = ProceduralFrameReward(), ProceduralVideoReward()
-    cf = engine.config.stream.chunk_frames
-    records = []
-    for prompt in prompts:
-        for seed in seeds:
-            result = engine.generate(prompt, num_chunks=num_chunks, seed=seed, search=cfg,
-                                     short_reward=short, long_reward=long)
-            video = result.frames.permute(0, 3, 1, 2).float() / 255.0
-            flags = [f for c in result.chunks[1:] for f in c.route_flags]
-            record = {"prompt": prompt, "seed": seed, **qm.video_scores(video, prompt, cf),
-                      "append": flags.count("APPEND"), "ema": flags.count("EMA"), "routes": len(flags)}
+def streams(model: str, configs: list[SearchConfig], prompts, seeds, num_chunks: int, workers: int = 1,
+            threads: int = 1) -> list[list[dict]]:
+    """Per config: one record per (prompt, seed) with held-out metrics and route counts (after chunk 0)."""
+    jobs = [(cfg, "video", prompt, seed, num_chunks, False) for cfg in configs for prompt in prompts for seed in seeds]
+    scored = iter(bq.score_videos(model, jobs, workers, threads))
+    out = []
+    for _ in configs:
+        records = [next(scored)["record"] for _ in range(len(prompts) * len(seeds))]
+        for record in records:
             record["composite"] = bq.composite(record)
-            records.append(record)
-    return records
+        out.append(records)
+    return out
 
 
 def route_shares(records: list[dict]) -> tuple[float, float]:
@@ -69,23 +63,24 @@ def paired(records: list[dict], baseline: list[dict], metric: str, resamples: in
     return qm.paired_bootstrap(by_prompt, resamples=resamples, seed=0)
 
 
-def sweep(engine, grid: dict, prompts, seeds, num_chunks: int, resamples: int = 1000) -> list[dict]:
+def sweep(model: str, grid: dict, prompts, seeds, num_chunks: int, resamples: int = 1000, workers: int = 1,
+          threads: int = 1) -> list[dict]:
     base = {"strategy": "stream_t1", "beam_size": bq.BEAM, "top_k": bq.TOP_K}
+    points = list(itertools.product(grid["short"], grid["long"], grid["alpha"]))
+    configs = [SearchConfig(**base, memory_sinking=False)]
+    configs += [SearchConfig(**base, short_threshold=short, long_threshold=long, ema_alpha=alpha)
+                for short, long, alpha in points]
     started = time.perf_counter()
-    baseline = stream(engine, SearchConfig(**base, memory_sinking=False), prompts, seeds, num_chunks)
-    print(f"  no memory sinking: {time.perf_counter() - started:.1f} s", flush=True)
+    baseline, *per_point = streams(model, configs, prompts, seeds, num_chunks, workers, threads)
+    print(f"  {len(configs)} configurations in {time.perf_counter() - started:.1f} s", flush=True)
     rows = []
-    for short, long, alpha in itertools.product(grid["short"], grid["long"], grid["alpha"]):
-        started = time.perf_counter()
-        cfg = SearchConfig(**base, short_threshold=short, long_threshold=long, ema_alpha=alpha)
-        records = stream(engine, cfg, prompts, seeds, num_chunks)
+    for (short, long, alpha), records in zip(points, per_point):
         append, ema = route_shares(records)
         row = {"short_threshold": short, "long_threshold": long, "ema_alpha": alpha, "append_share": append,
                "ema_share": ema, "deltas": {m: paired(records, baseline, m, resamples) for m in REPORTED},
                "records": records}
         rows.append(row)
-        print(f"  short {short:+g} long {long:+g} alpha {alpha:g}: APPEND {append:.0%} EMA {ema:.0%} "
-              f"({time.perf_counter() - started:.1f} s)", flush=True)
+        print(f"  short {short:+g} long {long:+g} alpha {alpha:g}: APPEND {append:.0%} EMA {ema:.0%}", flush=True)
     return rows
 
 
@@ -116,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, nargs="+", default=None, help="ema_alpha values")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
+    parser.add_argument("--workers", type=int, default=1, help="processes generating streams at once (one per core)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and records (.json) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,13 +121,13 @@ def main(argv=None):
     seeds = bq.SEEDS[:args.seeds or (1 if args.tiny else 2)]
     num_chunks = args.chunks or (6 if args.tiny else 60)
     bq.check_disjoint(prompts, seeds)
-    engine = StreamT1Engine.from_pretrained(args.model, device="cpu")
-    print(f"model {engine.name}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks", flush=True)
-    rows = sweep(engine, grid, prompts, seeds, num_chunks, args.resamples)
+    print(f"model {args.model}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
+          f"{args.workers} worker(s)", flush=True)
+    rows = sweep(args.model, grid, prompts, seeds, num_chunks, args.resamples, args.workers, args.threads)
     text = "\n".join([f"# Memory-routing sweep ({datetime.date.today().isoformat()})", "",
                       f"Command: `python bench/bench_quality_sweep.py {' '.join(argv)}`  ",
                       f"Model `{args.model}`, {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
-                      f"torch {torch.__version__}, {args.threads} thread(s). Δ: against the same search without "
+                      f"torch {torch.__version__}, {args.workers} process(es) x {args.threads} thread(s). Δ: against the same search without "
                       "memory sinking, mean [95 % interval, prompts resampled].", "", table(rows), ""])
     print(text)
     if args.out is not None:

@@ -126,3 +126,20 @@ def test_sweep_counts_routes_and_compares_with_sinking_off():
     assert never["append_share"] == 0.0 and never["ema_share"] == 0.0
     for metric, (mean, _, _) in never["deltas"].items():  # never routed: the same video as sinking off
         assert mean == pytest.approx(0.0, abs=1e-9) or math.isnan(mean), metric
+
+
+def test_worker_processes_give_the_records_of_one_process():
+    import torch
+
+    from streamt1_engine.search.config import SearchConfig
+
+    import bench_quality as bench  # imported by name: worker processes find its functions by that name
+
+    search = SearchConfig(strategy="stream_t1", beam_size=2, top_k=2)
+    jobs = [(search, "video", prompt, 1000, 2, False) for prompt in bench.PROMPTS[:2]]
+    jobs.append((SearchConfig(strategy="none"), "video_motion", bench.PROMPTS[0], 1001, 2, True))
+    alone = bench.score_videos("tiny", jobs)
+    spread = bench.score_videos("tiny", jobs, workers=2)
+    assert json.dumps([s["record"] for s in alone]) == json.dumps([s["record"] for s in spread])
+    assert alone[0]["frames"] is None and torch.equal(alone[2]["frames"], spread[2]["frames"])
+    assert alone[0]["record"]["prompt"] == bench.PROMPTS[0] and alone[1]["record"]["prompt"] == bench.PROMPTS[1]

@@ -102,10 +102,15 @@ def test_trainer_writes_a_loadable_model_dir(tmp_path):
     assert info["steps"] == 2 and info["stopped_by"] == "steps" and info["init"] is None
     model = load_tiny_model(tmp_path / "a")
     assert model.dit.config == load_tiny_model().dit.config
-    # a second stage starts from the first one's weights and records where it came from
+    # a second stage starts from the first one's weights and keeps the first stage's record before its own
     second = train(tmp_path / "b", steps=1, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "a")
     assert second["init"] == str(tmp_path / "a")
-    assert json.loads((tmp_path / "b" / "streamt1.json").read_text())["training"]["init"] == str(tmp_path / "a")
+    stages = json.loads((tmp_path / "b" / "streamt1.json").read_text())["training"]["stages"]
+    assert stages[0] == json.loads((tmp_path / "a" / "streamt1.json").read_text())["training"]
+    assert stages[1]["steps"] == 1 and stages[1]["init"] == "stage 1"
+    third = train(tmp_path / "c", steps=1, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "b")
+    stages = json.loads((tmp_path / "c" / "streamt1.json").read_text())["training"]["stages"]
+    assert [s.get("init") for s in stages] == [None, "stage 1", "stage 2"] and third["init"] == str(tmp_path / "b")
 
 
 def test_quality_benchmark_quick_mode(capsys):

@@ -90,7 +90,9 @@ def test_other_sizes_build_and_train_a_step():
 
 def test_recipes_and_their_command_line(tmp_path, monkeypatch):
     assert recipe_stage("v1", 1) == {} and recipe_stage("v2", 1)["clip_chunks"] == 8
-    assert recipe_stage("v2", 2)["context_rollout_prob"] > 0 and len(RECIPES["v2"]) == 2
+    assert recipe_stage("v2", 1)["context_rollout_prob"] > 0 and len(RECIPES["v2"]) == 2
+    second = recipe_stage("v2", 2)  # teacher forcing on 4-chunk clips: own context made seams (recipes.py)
+    assert second.get("context_rollout_prob", 0.0) == 0.0 and second["clip_chunks"] == 4 and second["hold_out"]
     with pytest.raises(StreamT1Error, match="unknown training recipe"):
         recipe_stage("v9", 1)
     with pytest.raises(StreamT1Error, match="stages"):

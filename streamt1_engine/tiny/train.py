@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
@@ -272,6 +273,17 @@ def save_model_dir(model: TinyModel, out: Path, training: dict, rewards: dict | 
     write_engine_spec(out, engine_spec(model, description, training, rewards))
 
 
+def stage_history(init: Path | None, training: dict) -> dict:
+    """The ``training`` record a model dir keeps: this run alone, or the stages of the ``init`` dir followed by
+    this one, whose ``init`` names the stage it continues ("stage 1"), not a path on the training machine."""
+    if init is None:
+        return training
+    config = Path(init) / "streamt1.json"
+    before = json.loads(config.read_text()).get("training", {}) if config.is_file() else {}
+    stages = list(before["stages"]) if "stages" in before else [before] if before else []
+    return {"stages": stages + [{**training, "init": f"stage {len(stages)}" if stages else str(init)}]}
+
+
 class EMA:
     """Exponential moving average of all trainable weights (the shipped weights are the average)."""
 
@@ -385,7 +397,7 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
                   f"elapsed {elapsed / 60:5.1f} min  eta {eta / 60:5.1f} min", flush=True)
         if time.time() - last_save > save_minutes * 60:
             training = {"steps": step, "seed": seed, "batch": batch, "train_loss": round(final_loss, 5)}
-            save_model_dir(ema.shadow, out, training, rewards)
+            save_model_dir(ema.shadow, out, stage_history(init, training), rewards)
             last_save = time.time()
             print(f"saved checkpoint at step {step} to {out}", flush=True)
     if math.isnan(final_loss) and running:  # a run shorter than log_every: no log line yet
@@ -404,7 +416,7 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
                  "motion_weight": 0.0, "temporal_weight": 0.0, "hold_out": False}
     if v2_options != v1_values:  # a v1 run records exactly what it always recorded
         training.update(v2_options)
-    save_model_dir(ema.shadow, out, training, rewards)
+    save_model_dir(ema.shadow, out, stage_history(init, training), rewards)
     print(f"done: {step} steps in {minutes_used:.1f} min (stopped by {stopped_by}), train loss {final_loss:.4f}, "
           f"validation loss (EMA, inference steps) {val:.4f}; wrote {out}", flush=True)
     return training
