@@ -111,6 +111,10 @@ def test_trainer_writes_a_loadable_model_dir(tmp_path):
     third = train(tmp_path / "c", steps=1, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "b")
     stages = json.loads((tmp_path / "c" / "streamt1.json").read_text())["training"]["stages"]
     assert [s.get("init") for s in stages] == [None, "stage 1", "stage 2"] and third["init"] == str(tmp_path / "b")
+    # continued in place, with a checkpoint after every step: the record still gains one stage
+    train(tmp_path / "a", steps=2, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "a", save_minutes=0)
+    stages = json.loads((tmp_path / "a" / "streamt1.json").read_text())["training"]["stages"]
+    assert [s["steps"] for s in stages] == [2, 2] and stages[1]["init"] == "stage 1"
 
 
 def test_quality_benchmark_quick_mode(capsys):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..engine_format import read_engine_spec
 from ..errors import require
 from ..model.wan import ChunkAttention, TextContext
 from .model import (
@@ -273,14 +273,14 @@ def save_model_dir(model: TinyModel, out: Path, training: dict, rewards: dict | 
     write_engine_spec(out, engine_spec(model, description, training, rewards))
 
 
-def stage_history(init: Path | None, training: dict) -> dict:
-    """The ``training`` record a model dir keeps: this run alone, or the stages of the ``init`` dir followed by
-    this one, whose ``init`` names the stage it continues ("stage 1"), not a path on the training machine."""
+def stage_history(training: dict, init: Path | None, earlier: dict | None) -> dict:
+    """The ``training`` record a model dir keeps: this run alone, or the stages of the ``init`` dir (its
+    record ``earlier``) followed by this one, whose ``init`` names the stage it continues ("stage 1"), not a
+    path on the training machine."""
     if init is None:
         return training
-    config = Path(init) / "streamt1.json"
-    before = json.loads(config.read_text()).get("training", {}) if config.is_file() else {}
-    stages = list(before["stages"]) if "stages" in before else [before] if before else []
+    earlier = earlier or {}
+    stages = list(earlier["stages"]) if "stages" in earlier else [earlier] if earlier else []
     return {"stages": stages + [{**training, "init": f"stage {len(stages)}" if stages else str(init)}]}
 
 
@@ -336,6 +336,8 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
     require(clip_chunks >= 2, "clip_chunks must be >= 2")
     require(0.0 <= context_rollout_prob <= 1.0 and 0.0 <= rollout_prob <= 1.0, "rollout shares must be in [0, 1]")
     start_model = load_tiny_model(init) if init is not None else None
+    # read once: the init dir may be ``out`` itself, whose record the checkpoints below rewrite
+    earlier = read_engine_spec(init).training if init is not None else None
     if start_model is not None:  # continue from an earlier model dir, in its shapes
         dit_config = start_model.dit.config
         frame_size = start_model.stream.latent_height * start_model.vae.spatial_factor
@@ -397,7 +399,7 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
                   f"elapsed {elapsed / 60:5.1f} min  eta {eta / 60:5.1f} min", flush=True)
         if time.time() - last_save > save_minutes * 60:
             training = {"steps": step, "seed": seed, "batch": batch, "train_loss": round(final_loss, 5)}
-            save_model_dir(ema.shadow, out, stage_history(init, training), rewards)
+            save_model_dir(ema.shadow, out, stage_history(training, init, earlier), rewards)
             last_save = time.time()
             print(f"saved checkpoint at step {step} to {out}", flush=True)
     if math.isnan(final_loss) and running:  # a run shorter than log_every: no log line yet
@@ -416,7 +418,7 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
                  "motion_weight": 0.0, "temporal_weight": 0.0, "hold_out": False}
     if v2_options != v1_values:  # a v1 run records exactly what it always recorded
         training.update(v2_options)
-    save_model_dir(ema.shadow, out, stage_history(init, training), rewards)
+    save_model_dir(ema.shadow, out, stage_history(training, init, earlier), rewards)
     print(f"done: {step} steps in {minutes_used:.1f} min (stopped by {stopped_by}), train loss {final_loss:.4f}, "
           f"validation loss (EMA, inference steps) {val:.4f}; wrote {out}", flush=True)
     return training
