@@ -148,14 +148,17 @@ def run(model: str, table: dict, prompts, seeds, num_chunks: int, strip_dir: Pat
     jobs = [(*table[name], prompt, seed, num_chunks, seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS])
             for name, prompt, seed in keys]
     scored = score_videos(model, jobs, workers, threads)
-    out, strips = {}, {}
-    for name, (cfg, _) in table.items():
-        mine = [s for (n, _, _), s in zip(keys, scored) if n == name]
-        for (n, prompt, _), s in zip(keys, scored):
-            if n == name and s["frames"] is not None:
-                strips.setdefault(prompt, []).append(s["frames"])
+    by_method: dict[str, list[dict]] = {name: [] for name in table}
+    strips: dict[str, list] = {}
+    for (name, prompt, _), s in zip(keys, scored):
+        by_method[name].append(s)
+        if s["frames"] is not None:
+            strips.setdefault(prompt, []).append(s["frames"])
+    out = {}
+    for name, mine in by_method.items():
         seconds = sum(s["seconds"] for s in mine) / len(mine)
-        out[name] = {"seconds": seconds, "candidates": cfg.first_chunk_candidates, "records": [s["record"] for s in mine]}
+        out[name] = {"seconds": seconds, "candidates": table[name][0].first_chunk_candidates,
+                     "records": [s["record"] for s in mine]}
         print(f"  {name}: {seconds:.2f} s/video", flush=True)
     if strip_dir is not None:
         save_strips(strip_dir, strips)

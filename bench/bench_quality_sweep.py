@@ -127,8 +127,9 @@ def main(argv=None):
     text = "\n".join([f"# Memory-routing sweep ({datetime.date.today().isoformat()})", "",
                       f"Command: `python bench/bench_quality_sweep.py {' '.join(argv)}`  ",
                       f"Model `{args.model}`, {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
-                      f"torch {torch.__version__}, {args.workers} process(es) x {args.threads} thread(s). Δ: against the same search without "
-                      "memory sinking, mean [95 % interval, prompts resampled].", "", table(rows), ""])
+                      f"torch {torch.__version__}, {args.workers} process(es) x {args.threads} thread(s). "
+                      "Δ: against the same search without memory sinking, mean [95 % interval, prompts resampled].",
+                      "", table(rows), ""])
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
