@@ -7,18 +7,25 @@
 Prompts are the held-out scenes of ``tiny.procedural.HELD_OUT_SCENES`` (kept out of the v2 training data;
 the v1 weights saw every scene) and none of the v1 bench's; seeds are none of v1's either (both asserted).
 Videos are judged by ``bench_quality_metrics`` (signed speed along the prompt, chunk seams, square fill,
-spurious blobs), which no reward computes. The search gets the model's own rewards (short-term
+spurious blobs), which no reward computes. The search gets the procedural rewards (short-term
 ``procedural_frame``, long-term ``procedural_video``); one extra row adds the motion verifier to the
-long-term reward (``procedural_video_motion``), and there signed speed is no longer held out.
+long-term reward (``procedural_video_motion``, the v2 weights' own), and there signed speed is no longer
+held out.
 ``best_of_n`` draws beam_size x top_k candidates per chunk, as Stream-T1 does: equal compute. Each
 difference is paired (same prompt and seed) with a 95 % bootstrap interval that resamples prompts.
 APPEND and EMA are shares of the survivor routings after chunk 0 (chunk 0 has nothing to route).
 Results (markdown, per-video JSON, one frame strip per prompt for the first two) go to bench/results/.
+
+``--prompt-set training`` scores scenes of the training distribution instead (single objects, none held
+out, seeds from 5000): a validation set for choices made while training, kept apart from the held-out
+prompts that judge the result. ``--sampler-shift`` runs the model with another timestep shift.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import random
 import importlib.metadata
 import json
 import math
@@ -37,7 +44,11 @@ import bench_quality_metrics as qm  # noqa: E402
 from streamt1_engine.engine import StreamT1Engine  # noqa: E402
 from streamt1_engine.search.config import SearchConfig  # noqa: E402
 from streamt1_engine.tiny.procedural import (  # noqa: E402
+    DIRECTIONS,
     HELD_OUT_PROMPTS,
+    HELD_OUT_SCENES,
+    PALETTE,
+    SHAPES,
     ObjectSpec,
     SceneSpec,
     is_held_out,
@@ -56,6 +67,22 @@ V1_PROMPTS = [  # bench_quality_v1.PROMPTS, repeated here so that v2 does not im
     "a cyan triangle moving left and a red square moving up on a black background",
 ]
 V1_SEEDS = [0, 1, 2, 3]
+TRAINING_SEEDS = [5000, 5001, 5002, 5003]
+
+
+def training_prompts(count: int, seed: int = 7) -> list[str]:
+    """``count`` single-object prompts of the training distribution (none held out, none of v1's), the
+    shapes in turn; the same list for the same arguments."""
+    rng = random.Random(seed)
+    colours, prompts = list(PALETTE), []
+    while len(prompts) < count:
+        colour, background, direction = rng.choice(colours), rng.choice(colours), rng.choice(list(DIRECTIONS))
+        shape = SHAPES[len(prompts) % len(SHAPES)]
+        prompt = f"a {colour} {shape} moving {direction} on a {background} background"
+        if colour != background and (colour, shape, direction, background) not in HELD_OUT_SCENES \
+                and prompt not in V1_PROMPTS and prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
 BEAM, TOP_K = 2, 2
 FULL = "stream_t1"
 STRIP_PROMPTS = 2  # prompts whose frames the bench saves as a picture
@@ -106,9 +133,18 @@ def comparisons(names) -> list[tuple[str, str]]:
 _WORKER: dict = {}  # this process's engine and rewards (one per worker process)
 
 
-def _setup(model: str, threads: int) -> None:
-    torch.set_num_threads(threads)
+def load_engine(model: str, sampler_shift: float | None = None) -> StreamT1Engine:
+    """The model on the CPU, its sampler's timestep shift replaced by ``sampler_shift`` if given."""
     engine = StreamT1Engine.from_pretrained(model, device="cpu")
+    if sampler_shift is None:
+        return engine
+    sampler = dataclasses.replace(engine.config.sampler, shift=sampler_shift)
+    return StreamT1Engine.from_pretrained(model, device="cpu", sampler=sampler)
+
+
+def _setup(model: str, threads: int, sampler_shift: float | None = None) -> None:
+    torch.set_num_threads(threads)
+    engine = load_engine(model, sampler_shift)
     engine.generate(PROMPTS[0], num_chunks=1, seed=0)  # warm-up: first-call costs stay out of the timings
     _WORKER.update(engine=engine, short=ProceduralFrameReward(),
                    long={"video": ProceduralVideoReward(), "video_motion": video_motion_reward()})
@@ -128,26 +164,27 @@ def _score(job: tuple) -> dict:
     return {"record": record, "seconds": seconds, "frames": result.frames if keep_frames else None}
 
 
-def score_videos(model: str, jobs: list[tuple], workers: int = 1, threads: int = 1) -> list[dict]:
+def score_videos(model: str, jobs: list[tuple], workers: int = 1, threads: int = 1,
+                 sampler_shift: float | None = None) -> list[dict]:
     """Generate and score each job ``(search, long reward name, prompt, seed, chunks, keep frames)``, in order.
     With ``workers`` > 1 the jobs spread over that many processes, one engine each: a video's frames depend
     only on its own job, so the records are those of one process."""
     if workers <= 1 or len(jobs) <= 1:
-        _setup(model, threads)
+        _setup(model, threads, sampler_shift)
         return [_score(job) for job in jobs]
     context = multiprocessing.get_context("spawn")  # no fork of a process whose torch has started threads
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_setup,
-                             initargs=(model, threads)) as pool:
+                             initargs=(model, threads, sampler_shift)) as pool:
         return list(pool.map(_score, jobs))
 
 
 def run(model: str, table: dict, prompts, seeds, num_chunks: int, strip_dir: Path | None = None,
-        workers: int = 1, threads: int = 1) -> dict:
+        workers: int = 1, threads: int = 1, sampler_shift: float | None = None) -> dict:
     """Per method: one record per (prompt, seed) with the metrics, route counts (after chunk 0) and seconds."""
     keys = [(name, prompt, seed) for name in table for prompt in prompts for seed in seeds]
     jobs = [(*table[name], prompt, seed, num_chunks, seed == seeds[0] and prompt in prompts[:STRIP_PROMPTS])
             for name, prompt, seed in keys]
-    scored = score_videos(model, jobs, workers, threads)
+    scored = score_videos(model, jobs, workers, threads, sampler_shift)
     by_method: dict[str, list[dict]] = {name: [] for name in table}
     strips: dict[str, list] = {}
     for (name, prompt, _), s in zip(keys, scored):
@@ -249,7 +286,8 @@ def report(results, summary, args, prompts, seeds, num_chunks) -> str:
     setup = (f"Date {datetime.date.today().isoformat()}; streamt1-engine {version}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, CPU ({cpu}, {args.workers} process(es) x {args.threads} thread(s)), "
              "float32.  \n"
-             f"Model `{args.model}`; {len(prompts)} prompts x {len(seeds)} seeds (seeds {seeds[0]}..{seeds[-1]}), "
+             f"Model `{args.model}`{sampler_note(args.sampler_shift)}; {args.prompt_set} prompt set, "
+             f"{len(prompts)} prompts x {len(seeds)} seeds (seeds {seeds[0]}..{seeds[-1]}), "
              f"{num_chunks} chunks per video; Stream-T1 beam_size {BEAM}, top_k {TOP_K}, "
              f"search overrides {overrides(args) or 'none (paper defaults)'}.")
     command = "python bench/bench_quality.py " + " ".join(args.argv)
@@ -268,6 +306,10 @@ def training_record(source: str) -> dict | None:
     return json.loads(config.read_text()).get("training") if config.is_file() else None
 
 
+def sampler_note(shift: float | None) -> str:
+    return "" if shift is None else f" run with sampler shift {shift:g}"
+
+
 def overrides(args) -> dict:
     return {k: v for k, v in (("short_threshold", args.short_threshold), ("long_threshold", args.long_threshold),
                               ("ema_alpha", args.ema_alpha)) if v is not None}
@@ -282,8 +324,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", "--quick", action="store_true", help="seconds-long smoke run (CI)")
     parser.add_argument("--model", default="tiny", help="model source (default: the embedded tiny model)")
-    parser.add_argument("--prompts", type=int, default=None, help="first N held-out prompts (default 12, tiny 2)")
-    parser.add_argument("--seeds", type=int, default=None, help="first N seeds (default 4, tiny 2)")
+    parser.add_argument("--prompt-set", choices=("held-out", "training"), default="held-out",
+                        help="the held-out scenes (default) or scenes of the training distribution (validation)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="first N prompts (default 12, tiny 2; training set: 48)")
+    parser.add_argument("--seeds", type=int, default=None, help="first N seeds (default 4, tiny 2; training set: 1)")
+    parser.add_argument("--sampler-shift", type=float, default=None,
+                        help="run the model with this timestep shift (default: its own)")
     parser.add_argument("--chunks", type=int, default=None, help="chunks per video (default 12, tiny 3)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the method names")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
@@ -301,10 +348,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.argv = argv
     torch.set_num_threads(args.threads)
-    prompts = PROMPTS[:args.prompts or (2 if args.tiny else len(PROMPTS))]
-    seeds = SEEDS[:args.seeds or (2 if args.tiny else len(SEEDS))]
+    if args.sampler_shift is not None and not args.sampler_shift > 0:
+        parser.error(f"--sampler-shift must be > 0, got {args.sampler_shift}")
+    if args.prompt_set == "training":
+        prompts = training_prompts(args.prompts or (2 if args.tiny else 48))
+        seeds = TRAINING_SEEDS[:args.seeds or 1]
+    else:
+        prompts = PROMPTS[:args.prompts or (2 if args.tiny else len(PROMPTS))]
+        seeds = SEEDS[:args.seeds or (2 if args.tiny else len(SEEDS))]
+        check_disjoint(prompts, seeds)
     num_chunks = args.chunks or (3 if args.tiny else 12)
-    check_disjoint(prompts, seeds)
     names = args.methods or (["none", f"best_of_n (n={BEAM * TOP_K})", FULL] if args.tiny else None)
     table = methods(overrides(args), names)
     out_dir = args.out_dir if args.out_dir is not None or args.tiny else Path(__file__).parent / "results"
@@ -312,7 +365,7 @@ def main(argv=None):
     print(f"model {args.model}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
           f"{args.workers} worker(s)", flush=True)
     results = run(args.model, table, prompts, seeds, num_chunks, out_dir / f"{stem}-strips" if out_dir else None,
-                  args.workers, args.threads)
+                  args.workers, args.threads, args.sampler_shift)
     summary = summarise(results, args.resamples)
     text = report(results, summary, args, prompts, seeds, num_chunks)
     print(text)

@@ -35,9 +35,10 @@ REPORTED = ("composite", "seam_ratio", "spurious_blobs", "square_fill")
 
 
 def streams(model: str, configs: list[SearchConfig], prompts, seeds, num_chunks: int, workers: int = 1,
-            threads: int = 1) -> list[list[dict]]:
+            threads: int = 1, long_reward: str = "video") -> list[list[dict]]:
     """Per config: one record per (prompt, seed) with held-out metrics and route counts (after chunk 0)."""
-    jobs = [(cfg, "video", prompt, seed, num_chunks, False) for cfg in configs for prompt in prompts for seed in seeds]
+    jobs = [(cfg, long_reward, prompt, seed, num_chunks, False)
+            for cfg in configs for prompt in prompts for seed in seeds]
     scored = iter(bq.score_videos(model, jobs, workers, threads))
     out = []
     for _ in configs:
@@ -64,14 +65,14 @@ def paired(records: list[dict], baseline: list[dict], metric: str, resamples: in
 
 
 def sweep(model: str, grid: dict, prompts, seeds, num_chunks: int, resamples: int = 1000, workers: int = 1,
-          threads: int = 1) -> list[dict]:
+          threads: int = 1, long_reward: str = "video") -> list[dict]:
     base = {"strategy": "stream_t1", "beam_size": bq.BEAM, "top_k": bq.TOP_K}
     points = list(itertools.product(grid["short"], grid["long"], grid["alpha"]))
     configs = [SearchConfig(**base, memory_sinking=False)]
     configs += [SearchConfig(**base, short_threshold=short, long_threshold=long, ema_alpha=alpha)
                 for short, long, alpha in points]
     started = time.perf_counter()
-    baseline, *per_point = streams(model, configs, prompts, seeds, num_chunks, workers, threads)
+    baseline, *per_point = streams(model, configs, prompts, seeds, num_chunks, workers, threads, long_reward)
     print(f"  {len(configs)} configurations in {time.perf_counter() - started:.1f} s", flush=True)
     rows = []
     for (short, long, alpha), records in zip(points, per_point):
@@ -104,11 +105,15 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI)")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--prompts", type=int, default=None, help="first N held-out prompts (default 4, tiny 1)")
+    parser.add_argument("--first-prompt", type=int, default=0,
+                        help="skip this many held-out prompts (to confirm a choice on prompts it was not made on)")
     parser.add_argument("--seeds", type=int, default=None, help="first N bench seeds (default 2, tiny 1)")
     parser.add_argument("--chunks", type=int, default=None, help="chunks per stream (default 60, tiny 6)")
     parser.add_argument("--short", type=float, nargs="+", default=None, help="short_threshold values")
     parser.add_argument("--long", type=float, nargs="+", default=None, help="long_threshold values")
     parser.add_argument("--alpha", type=float, nargs="+", default=None, help="ema_alpha values")
+    parser.add_argument("--long-reward", choices=("video", "video_motion"), default="video",
+                        help="long-term reward: procedural_video, or with the motion verifier (the v2 model's own)")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating streams at once (one per core)")
@@ -117,16 +122,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     grid = dict(TINY_GRID if args.tiny else DEFAULT_GRID)
     grid.update({k: v for k, v in (("short", args.short), ("long", args.long), ("alpha", args.alpha)) if v})
-    prompts = bq.PROMPTS[:args.prompts or (1 if args.tiny else 4)]
+    if not 0 <= args.first_prompt < len(bq.PROMPTS):
+        parser.error(f"--first-prompt must be in 0..{len(bq.PROMPTS) - 1}, got {args.first_prompt}")
+    prompts = bq.PROMPTS[args.first_prompt:][:args.prompts or (1 if args.tiny else 4)]
     seeds = bq.SEEDS[:args.seeds or (1 if args.tiny else 2)]
     num_chunks = args.chunks or (6 if args.tiny else 60)
     bq.check_disjoint(prompts, seeds)
     print(f"model {args.model}: {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
           f"{args.workers} worker(s)", flush=True)
-    rows = sweep(args.model, grid, prompts, seeds, num_chunks, args.resamples, args.workers, args.threads)
+    rows = sweep(args.model, grid, prompts, seeds, num_chunks, args.resamples, args.workers, args.threads,
+                 args.long_reward)
     text = "\n".join([f"# Memory-routing sweep ({datetime.date.today().isoformat()})", "",
                       f"Command: `python bench/bench_quality_sweep.py {' '.join(argv)}`  ",
-                      f"Model `{args.model}`, {len(prompts)} prompts x {len(seeds)} seeds, {num_chunks} chunks, "
+                      f"Model `{args.model}`, {len(prompts)} prompts (held-out {args.first_prompt}.."
+                      f"{args.first_prompt + len(prompts) - 1}) x {len(seeds)} seeds, {num_chunks} chunks, "
+                      f"long-term reward procedural_{args.long_reward}, "
                       f"torch {torch.__version__}, {args.workers} process(es) x {args.threads} thread(s). "
                       "Δ: against the same search without memory sinking, mean [95 % interval, prompts resampled].",
                       "", table(rows), ""])

@@ -8,6 +8,16 @@ HPSv3 as the short-term reward and VideoAlign for the long-term reward and the f
 (5 s at 16 fps), seed 42, bf16. Model locations default to where the official README downloads them
 (relative to the working directory) and the diffusers-format Wan2.1 text encoder and VAE on the hub; pass
 your own paths to override any of them.
+
+``tiny-stream-t1`` is Stream-T1 on the embedded tiny model with memory-routing values measured for it
+(bench/results/quality-sweep-2026-12-01-v2-weights*.md): with the paper's long threshold 0.2 its long-term
+score never drops enough for APPEND, so a long threshold of 0 lets APPEND fire, and an EMA alpha of 0.9
+lets a merge move the sink. On 50-chunk streams with the procedural frame and video rewards, against the
+same search without memory sinking, this brought the seam ratio closer to 1 and raised the composite, on
+the prompts it was chosen on and on prompts it was not; so the preset names those rewards. With the
+model's own long-term reward (the video score with the motion verifier, which makes objects follow the
+prompted direction) the same routing fires but moved no metric outside its interval. The paper's values
+stay the default everywhere else.
 """
 from __future__ import annotations
 
@@ -79,6 +89,19 @@ RUN_PRESETS: dict[str, RunPreset] = {
         long_reward="videoalign",
         final_reward="videoalign",
         num_chunks=7,
+        seed=42,
+    ),
+    "tiny-stream-t1": RunPreset(
+        name="tiny-stream-t1",
+        description="embedded tiny model: Stream-T1 B=2 K=2 with memory routing measured for it (short "
+                    "threshold 0, long threshold 0, EMA alpha 0.9), procedural frame and video rewards (no "
+                    "motion verifier), 50 chunks, seed 42",
+        model="tiny",
+        search=SearchConfig(strategy="stream_t1", beam_size=2, top_k=2, short_threshold=0.0, long_threshold=0.0,
+                            ema_alpha=0.9),
+        short_reward="procedural_frame",
+        long_reward="procedural_video",
+        num_chunks=50,
         seed=42,
     ),
 }

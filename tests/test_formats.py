@@ -43,7 +43,8 @@ def test_save_pretrained_round_trip_of_the_tiny_model(tmp_path):
     assert sorted(p.name for p in saved.iterdir()) == ["dit.safetensors", "streamt1.json", "text_encoder.safetensors"]
     again = StreamT1Engine.from_pretrained(str(saved))
     assert again.config == engine.config and again.fps == engine.fps
-    assert again.default_rewards == engine.default_rewards == {"short": "procedural_frame", "long": "procedural_video"}
+    assert again.default_rewards == engine.default_rewards == {"short": "procedural_frame",
+                                                               "long": "procedural_video_motion"}
     same_output(engine, again)
     # saving the reloaded engine gives the same files' contents
     twice = again.save_pretrained(tmp_path / "twice")

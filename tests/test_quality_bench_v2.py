@@ -128,6 +128,20 @@ def test_sweep_counts_routes_and_compares_with_sinking_off():
         assert mean == pytest.approx(0.0, abs=1e-9) or math.isnan(mean), metric
 
 
+def test_sweep_takes_later_prompts_and_the_motion_reward(monkeypatch):
+    sweep = _load("bench_quality_sweep")
+    bench = sweep.bq
+    seen = []
+    real = bench.score_videos
+    monkeypatch.setattr(bench, "score_videos", lambda model, jobs, *a: seen.extend(jobs) or real(model, jobs, *a))
+    rows = sweep.main(["--tiny", "--chunks", "3", "--first-prompt", "3", "--long", "0.2", "--long-reward",
+                       "video_motion", "--resamples", "20"])
+    assert [r["prompt"] for r in rows[0]["records"]] == [bench.PROMPTS[3]]
+    assert {job[1] for job in seen} == {"video_motion"} and {job[2] for job in seen} == {bench.PROMPTS[3]}
+    with pytest.raises(SystemExit):
+        sweep.main(["--tiny", "--first-prompt", "12"])
+
+
 def test_worker_processes_give_the_records_of_one_process():
     import torch
 
@@ -143,3 +157,30 @@ def test_worker_processes_give_the_records_of_one_process():
     assert json.dumps([s["record"] for s in alone]) == json.dumps([s["record"] for s in spread])
     assert alone[0]["frames"] is None and torch.equal(alone[2]["frames"], spread[2]["frames"])
     assert alone[0]["record"]["prompt"] == bench.PROMPTS[0] and alone[1]["record"]["prompt"] == bench.PROMPTS[1]
+
+
+def test_the_training_prompt_set_is_of_the_training_distribution_and_the_sampler_shift_applies(tmp_path):
+    from streamt1_engine.tiny.procedural import ObjectSpec, SceneSpec, parse_prompt
+
+    bench = _load("bench_quality")
+    prompts = bench.training_prompts(30)
+    assert prompts == bench.training_prompts(30) and len(set(prompts)) == 30
+    assert not set(prompts) & (set(bench.PROMPTS) | set(bench.V1_PROMPTS))
+    for prompt in prompts:
+        spec = parse_prompt(prompt)
+        assert len(spec.objects) == 1 and spec.objects[0][0] != spec.background
+        scene = SceneSpec(spec.background, [ObjectSpec(c, s, d, 5.0, (16.0, 16.0), 1.5, 10 ** 6)
+                                            for c, s, d in spec.objects])
+        assert not is_held_out(scene)
+    assert {parse_prompt(p).objects[0][1] for p in prompts} == {"circle", "square", "triangle"}
+    own, shifted = bench.load_engine("tiny"), bench.load_engine("tiny", sampler_shift=3.0)
+    assert shifted.config.sampler.shift == 3.0
+    assert list(own.schedule.timesteps) != list(shifted.schedule.timesteps)
+    out = bench.main(["--tiny", "--prompt-set", "training", "--sampler-shift", "3", "--methods", "none",
+                      "--out-dir", str(tmp_path), "--name", "v", "--resamples", "50"])
+    assert [r["prompt"] for r in out["results"]["none"]["records"]] == prompts[:2]
+    assert {r["seed"] for r in out["results"]["none"]["records"]} == {bench.TRAINING_SEEDS[0]}
+    text = (tmp_path / "v.md").read_text()
+    assert "training prompt set" in text and "sampler shift 3" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--sampler-shift", "0"])

@@ -90,13 +90,13 @@ def test_other_sizes_build_and_train_a_step():
 
 def test_recipes_and_their_command_line(tmp_path, monkeypatch):
     assert recipe_stage("v1", 1) == {} and recipe_stage("v2", 1)["clip_chunks"] == 8
-    assert recipe_stage("v2", 1)["context_rollout_prob"] > 0 and len(RECIPES["v2"]) == 2
+    assert recipe_stage("v2", 1)["context_rollout_prob"] > 0 and len(RECIPES["v2"]) == 3
     second = recipe_stage("v2", 2)  # teacher forcing on 4-chunk clips: own context made seams (recipes.py)
     assert second.get("context_rollout_prob", 0.0) == 0.0 and second["clip_chunks"] == 4 and second["hold_out"]
     with pytest.raises(StreamT1Error, match="unknown training recipe"):
         recipe_stage("v9", 1)
     with pytest.raises(StreamT1Error, match="stages"):
-        recipe_stage("v2", 3)
+        recipe_stage("v2", 4)
     with pytest.raises(SystemExit):  # stage 2 continues stage 1
         main(["--out", str(tmp_path / "x"), "--recipe", "v2", "--stage", "2"])
     seen = {}
@@ -106,6 +106,9 @@ def test_recipes_and_their_command_line(tmp_path, monkeypatch):
     assert seen["rewards"]["long"] == "procedural_video_motion"
     main(["--out", str(tmp_path / "z")])
     assert seen["clip_chunks"] == 4 and seen["context_rollout_prob"] == 0.0 and seen["rewards"] is None
+    assert seen["sampler_shift"] is None  # the init dir's sampler, else the tiny one
+    main(["--out", str(tmp_path / "z"), "--sampler-shift", "1.5"])
+    assert seen["sampler_shift"] == 1.5
 
 
 def test_a_v2_run_records_its_options_and_names_its_rewards(tmp_path):
@@ -155,3 +158,23 @@ def test_temporal_loss_sees_a_jump_at_a_chunk_boundary_and_change_weight_the_mov
     moving = change_weight(frames, times, 4)
     assert moving.shape == (2, 12, 8, 8) and moving[:, 0].sum() == 0 and moving[:, 1:].sum() > 0
     assert change_weight(frames, gap_times, 4)[:, 6].sum() == 0
+
+
+def test_the_sampler_shift_sets_the_training_timesteps_and_later_stages_keep_it(tmp_path):
+    import dataclasses
+
+    from streamt1_engine.engine_format import read_engine_spec
+    from streamt1_engine.tiny.model import inference_timesteps, tiny_sampler_config
+    from streamt1_engine.tiny.train import sample_timesteps, train
+
+    low = dataclasses.replace(tiny_sampler_config(), shift=1.5)
+    times = sample_timesteps(64, 4, torch.Generator().manual_seed(0), low).flatten()
+    hits = lambda steps: [bool(((times - t).abs() < 1e-2).any()) for t in steps]  # noqa: E731
+    assert all(hits(inference_timesteps(low)))  # the inference steps of this sampler are trained on...
+    assert not any(hits(inference_timesteps(tiny_sampler_config())[1:]))  # ...not those of shift 5
+    info = train(tmp_path / "a", steps=1, batch=2, threads=1, val_size=2, log_every=1, sampler_shift=2.0)
+    assert info["sampler_shift"] == 2.0 and read_engine_spec(tmp_path / "a").sampler.shift == 2.0
+    train(tmp_path / "b", steps=1, batch=2, threads=1, val_size=2, log_every=1, init=tmp_path / "a")
+    assert read_engine_spec(tmp_path / "b").sampler.shift == 2.0  # from the init dir
+    with pytest.raises(StreamT1Error, match="sampler_shift"):
+        train(tmp_path / "c", steps=1, sampler_shift=0.0)

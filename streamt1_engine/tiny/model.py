@@ -164,14 +164,14 @@ def sample_video(model: TinyModel, prompts: list[str], num_chunks: int = 4, seed
         noise = ChunkNoise(draws[0].to(device, dtype), torch.stack(draws[1:]).to(device, dtype))
 
         def dense_flow(x, t, text_ctx, attn, context=context, positions=positions):
-            return _chunk_flow(dit, context, x, float(t[0]), text_ctx, positions, model.frame_tokens)
+            return dense_chunk_flow(dit, context, x, float(t[0]), text_ctx, positions, model.frame_tokens)
 
         chunks.append(denoise_chunk(dense_flow, schedule, noise, text, None).to(dtype))
     latents = torch.cat(chunks, dim=2)
     return latents if return_latents else decode_latents(model.vae, latents.float())
 
 
-def _chunk_flow(dit, context, x, t, text, positions, frame_tokens):
+def dense_chunk_flow(dit, context, x, t, text, positions, frame_tokens):
     """One dense forward of [context chunks at timestep 0 | noisy chunk at t]; flow of the noisy chunk."""
     b, cf = x.shape[0], x.shape[2]
     inp = torch.cat(context + [x], dim=2)

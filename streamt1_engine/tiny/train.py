@@ -10,25 +10,28 @@ has moved away from the sink (a chunk right after such a jump is context only: n
 follow the sampler's shifted schedule, three quarters of them exactly the 4 warped steps used at
 inference; the loss weighs object pixels up. Training stops at ``--steps`` or ``--minutes``, whichever comes first (the
 learning-rate schedule follows the nearer one), and the model directory is rewritten every few minutes
-so an interrupted run still leaves usable weights. The shipped weights are the EMA of two runs (about 65
-minutes on 2 cores in all): the default run, then a second one started from it (``--init``)::
+so an interrupted run still leaves usable weights. The weights shipped before v2 are the EMA of two runs
+(about 65 minutes on 2 cores in all): the default run, then a second one started from it (``--init``)::
 
     python -m streamt1_engine.tiny.train --out stage1
     python -m streamt1_engine.tiny.train --out stage2 --init stage1 --seed 1 --lr 1e-3 --steps 3000 --minutes 60
 
-(``--recipe v1 [--stage 2]`` names the same options.) The v2 recipe (``recipes.py``) trains for motion
-with options that are all off by default: clips of 8 chunks in which a chunk sees the sink and the
-inference window before it, part of each batch seeing the model's own chunks as context, extra loss
-weight on pixels that change and a loss on the frame-to-frame change across chunk boundaries, and the
-benchmark's held-out scenes kept out of the data::
+(``--recipe v1 [--stage 2]`` names the same options.) The shipped weights are the three stages of the v2
+recipe (``recipes.py``, about 140 minutes), which trains for motion with options that are all off by
+default: clips of 8 chunks in which a chunk sees the sink and the inference window before it, part of each
+batch seeing the model's own chunks as context, extra loss weight on pixels that change and a loss on the
+frame-to-frame change across chunk boundaries, the benchmark's held-out scenes kept out of the data, and
+at last a sampler whose steps end at a lower noise level::
 
     python -m streamt1_engine.tiny.train --recipe v2 --out stage1
     python -m streamt1_engine.tiny.train --recipe v2 --stage 2 --init stage1 --out stage2
+    python -m streamt1_engine.tiny.train --recipe v2 --stage 3 --init stage2 --out stage3
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import SamplerConfig
 from ..engine_format import read_engine_spec
 from ..errors import require
 from ..model.wan import ChunkAttention, TextContext
@@ -59,10 +63,12 @@ from .text_encoder import save_tiny_text_encoder
 CLIP_CHUNKS = 4
 
 
-def sample_timesteps(batch: int, chunks: int, gen: torch.Generator, shift: float = 5.0,
+def sample_timesteps(batch: int, chunks: int, gen: torch.Generator, sampler: SamplerConfig | None = None,
                      inference_prob: float = 0.75) -> torch.Tensor:
-    """[batch, chunks] training timesteps in (0, 1000]: the shifted schedule, biased to the inference steps."""
-    sampler = tiny_sampler_config()
+    """[batch, chunks] training timesteps in (0, 1000]: the sampler's shifted schedule, biased to its
+    inference steps (default: the tiny model's sampler)."""
+    sampler = sampler or tiny_sampler_config()
+    shift = sampler.shift
     warped = torch.tensor(inference_timesteps(sampler))
     u = torch.rand(batch, chunks, generator=gen).clamp_min(1e-3)
     shifted = 1000.0 * shift * u / (1 + (shift - 1) * u)
@@ -129,7 +135,7 @@ def training_loss(model: TinyModel, frames: torch.Tensor, prompts: list[str], ti
         t_frames = torch.full((b, num_frames), steps[k])
     else:
         if timesteps is None:
-            timesteps = sample_timesteps(b, chunks, gen)
+            timesteps = sample_timesteps(b, chunks, gen, model.sampler)
         t_frames = timesteps.repeat_interleave(cf, dim=1)  # [B, F]
         s = (t_frames / 1000.0)[:, None, :, None, None]
         x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen)
@@ -324,17 +330,22 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
           init: Path | None = None, clip_chunks: int = CLIP_CHUNKS, context_rollout_prob: float = 0.0,
           context_rollout_start: int = 1, motion_weight: float = 0.0, temporal_weight: float = 0.0,
           frame_size: int = FRAME_SIZE, vae_factor: int = VAE_FACTOR, dim: int = 256, ffn_dim: int = 512,
-          num_layers: int = 3, num_heads: int = 4, hold_out: bool = False, rewards: dict | None = None) -> dict:
+          num_layers: int = 3, num_heads: int = 4, hold_out: bool = False, rewards: dict | None = None,
+          sampler_shift: float | None = None) -> dict:
     """Train (or continue from ``init``) and write the EMA weights to ``out``; the defaults are the v1
     stage-1 run. ``context_rollout_prob``: share of each batch that sees the model's own chunks as context
     (from ``rollout_after``, like ``rollout_prob``). ``clip_chunks``: chunks per training clip (a chunk
     sees the sink and the inference window before it). ``hold_out``: never train on the held-out scenes
-    of ``procedural.HELD_OUT_SCENES``. The model's shapes are ignored with ``init`` (they come from there)."""
+    of ``procedural.HELD_OUT_SCENES``. The model's shapes and sampler are ignored with ``init`` (they come
+    from there). ``sampler_shift``: the timestep shift of the model's few-step sampler, which the training
+    timesteps follow and the model dir records (default: the init dir's, else the tiny sampler's 5).
+    A lower shift ends the sampler at a lower noise level, where the last x0 estimate is sharper."""
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     require(clip_chunks >= 2, "clip_chunks must be >= 2")
     require(0.0 <= context_rollout_prob <= 1.0 and 0.0 <= rollout_prob <= 1.0, "rollout shares must be in [0, 1]")
+    require(sampler_shift is None or sampler_shift > 0, f"sampler_shift must be > 0, got {sampler_shift}")
     start_model = load_tiny_model(init) if init is not None else None
     # read once: the init dir may be ``out`` itself, whose record the checkpoints below rewrite
     earlier = read_engine_spec(init).training if init is not None else None
@@ -347,8 +358,11 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
     if start_model is not None:
         model.dit.load_state_dict(start_model.dit.state_dict())
         model.text_encoder.load_state_dict(start_model.text_encoder.state_dict())
+        model.sampler = start_model.sampler
     else:
         pass_through_init(model.dit)
+    if sampler_shift is not None:
+        model.sampler = dataclasses.replace(model.sampler, shift=float(sampler_shift))
     for m in (model.dit, model.text_encoder):
         m.train()
     params = EMA.params(model)
@@ -413,9 +427,10 @@ def train(out: Path, minutes: float = 30.0, steps: int = 1800, batch: int = 16, 
                 "init": str(init) if init is not None else None}
     v2_options = {"clip_chunks": clip_chunks, "context_rollout_prob": context_rollout_prob,
                   "context_rollout_start": context_rollout_start, "motion_weight": motion_weight,
-                  "temporal_weight": temporal_weight, "hold_out": hold_out}
+                  "temporal_weight": temporal_weight, "hold_out": hold_out, "sampler_shift": model.sampler.shift}
     v1_values = {"clip_chunks": CLIP_CHUNKS, "context_rollout_prob": 0.0, "context_rollout_start": 1,
-                 "motion_weight": 0.0, "temporal_weight": 0.0, "hold_out": False}
+                 "motion_weight": 0.0, "temporal_weight": 0.0, "hold_out": False,
+                 "sampler_shift": tiny_sampler_config().shift}
     if v2_options != v1_values:  # a v1 run records exactly what it always recorded
         training.update(v2_options)
     save_model_dir(ema.shadow, out, stage_history(training, init, earlier), rewards)
@@ -428,7 +443,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the embedded tiny streaming video model on procedural videos.")
     parser.add_argument("--out", required=True, type=Path, help="model directory to write (engine format)")
     parser.add_argument("--recipe", default=None, help="a named recipe (v1, v2) whose stage sets the defaults")
-    parser.add_argument("--stage", type=int, default=1, help="stage of --recipe (stage 2 needs --init)")
+    parser.add_argument("--stage", type=int, default=1,
+                        help="stage of --recipe (every stage after the first needs --init)")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap")
     parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (stops at steps or minutes)")
     parser.add_argument("--batch", type=int, default=16)
@@ -456,6 +472,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=3, dest="num_layers")
     parser.add_argument("--heads", type=int, default=4, dest="num_heads")
     parser.add_argument("--init", type=Path, default=None, help="start from this model dir instead of scratch")
+    parser.add_argument("--sampler-shift", type=float, default=None,
+                        help="timestep shift of the model's sampler (default: the init dir's, else 5)")
     first, _ = parser.parse_known_args(argv)
     rewards = None
     if first.recipe is not None:
