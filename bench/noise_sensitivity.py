@@ -1,6 +1,6 @@
 """How much a tiny model's chunk depends on its initial noise, against the re-noise draws of later steps.
 
-    python bench/noise_sensitivity.py                      # the embedded model, its own sampler
+    python bench/noise_sensitivity.py                      # the embedded model (--model tiny), its sampler
     python bench/noise_sensitivity.py --model DIR --shifts 5 1.5
 
 Noise propagation changes only a chunk's initial noise. A model trained by flow-matching regression (not
@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 
+from streamt1_engine.errors import StreamT1Error
 from streamt1_engine.sampler import ChunkNoise, denoise_chunk, make_schedule
 from streamt1_engine.tiny.model import dense_chunk_flow, decode_latents, load_tiny_model
 from streamt1_engine.tiny.procedural import HELD_OUT_PROMPTS
@@ -55,14 +56,17 @@ def noise_sensitivity(model, prompts: list[str], seed: int = 0) -> dict[str, flo
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="tiny model dir (default: the embedded weights)")
+    parser.add_argument("--model", default="tiny", help="tiny model dir (default: the embedded weights)")
     parser.add_argument("--prompts", type=int, default=len(HELD_OUT_PROMPTS), help="first N held-out prompts")
     parser.add_argument("--shifts", type=float, nargs="+", default=None,
                         help="sampler timestep shifts to run the model with (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = load_tiny_model(args.model)
+    try:
+        model = load_tiny_model(None if args.model == "tiny" else args.model)
+    except StreamT1Error as err:
+        parser.error(str(err))
     prompts = list(HELD_OUT_PROMPTS[:max(1, args.prompts)])
     rows = []
     for shift in args.shifts or [model.sampler.shift]:

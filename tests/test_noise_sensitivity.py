@@ -3,6 +3,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from streamt1_engine.tiny.model import build_tiny_model
@@ -39,3 +40,5 @@ def test_the_command_line_runs_each_shift(tmp_path):
     rows = _bench().main(["--model", str(tmp_path / "m"), "--prompts", "1", "--shifts", "5", "1.5"])
     assert [row["shift"] for row in rows] == [5.0, 1.5]
     assert all(row["renoise_change"] > 0 for row in rows)
+    with pytest.raises(SystemExit):  # a clear usage error, not a traceback
+        _bench().main(["--model", str(tmp_path / "missing")])
