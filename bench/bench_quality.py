@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import random
 import importlib.metadata
 import json
 import math
 import multiprocessing
 import platform
+import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +46,6 @@ from streamt1_engine.search.config import SearchConfig  # noqa: E402
 from streamt1_engine.tiny.procedural import (  # noqa: E402
     DIRECTIONS,
     HELD_OUT_PROMPTS,
-    HELD_OUT_SCENES,
     PALETTE,
     SHAPES,
     ObjectSpec,
@@ -79,10 +78,11 @@ def training_prompts(count: int, seed: int = 7) -> list[str]:
         colour, background, direction = rng.choice(colours), rng.choice(colours), rng.choice(list(DIRECTIONS))
         shape = SHAPES[len(prompts) % len(SHAPES)]
         prompt = f"a {colour} {shape} moving {direction} on a {background} background"
-        if colour != background and (colour, shape, direction, background) not in HELD_OUT_SCENES \
-                and prompt not in V1_PROMPTS and prompt not in prompts:
+        if colour != background and not is_held_out_prompt(prompt) and prompt not in V1_PROMPTS + prompts:
             prompts.append(prompt)
     return prompts
+
+
 BEAM, TOP_K = 2, 2
 FULL = "stream_t1"
 STRIP_PROMPTS = 2  # prompts whose frames the bench saves as a picture
@@ -95,11 +95,15 @@ def check_disjoint(prompts, seeds) -> None:
     assert not set(prompts) & set(V1_PROMPTS), "v2 prompts overlap the v1 bench"
     assert not set(seeds) & set(V1_SEEDS), "v2 seeds overlap the v1 bench"
     for prompt in prompts:
-        spec = parse_prompt(prompt)
-        # only what the prompt names matters to is_held_out; size, place and speed are placeholders
-        scene = SceneSpec(spec.background, [ObjectSpec(c, s, d, 5.0, (16.0, 16.0), 1.5, 10 ** 6)
-                                            for c, s, d in spec.objects])
-        assert is_held_out(scene), f"{prompt!r} is not held out of training"
+        assert is_held_out_prompt(prompt), f"{prompt!r} is not held out of training"
+
+
+def is_held_out_prompt(prompt: str) -> bool:
+    """Some object the prompt names is one of the scenes kept out of v2 training."""
+    spec = parse_prompt(prompt)
+    # only what the prompt names matters to is_held_out; size, place and speed are placeholders
+    return is_held_out(SceneSpec(spec.background, [ObjectSpec(c, s, d, 5.0, (16.0, 16.0), 1.5, 10 ** 6)
+                                                   for c, s, d in spec.objects]))
 
 
 def methods(search_overrides: dict, names=None) -> dict[str, tuple[SearchConfig, str]]:

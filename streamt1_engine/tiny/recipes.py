@@ -29,6 +29,10 @@ from __future__ import annotations
 
 from ..errors import require
 
+V2_STAGE_2 = {"clip_chunks": 4, "batch": 16, "steps": 3000, "minutes": 40, "lr": 1e-3, "seed": 1, "hold_out": True,
+              "motion_weight": 2.0, "temporal_weight": 1.0,
+              "rewards": {"short": "procedural_frame", "long": "procedural_video_motion"}}
+
 RECIPES: dict[str, tuple[dict, ...]] = {
     "v1": (
         {},
@@ -38,12 +42,8 @@ RECIPES: dict[str, tuple[dict, ...]] = {
         {"clip_chunks": 8, "batch": 8, "steps": 2600, "minutes": 60, "lr": 2e-3, "hold_out": True,
          "motion_weight": 2.0, "temporal_weight": 1.0, "context_rollout_prob": 0.25, "rollout_after": 0.3,
          "rewards": {"short": "procedural_frame", "long": "procedural_video_motion"}},
-        {"clip_chunks": 4, "batch": 16, "steps": 3000, "minutes": 40, "lr": 1e-3, "seed": 1, "hold_out": True,
-         "motion_weight": 2.0, "temporal_weight": 1.0, "rewards": {"short": "procedural_frame",
-                                                                   "long": "procedural_video_motion"}},
-        {"clip_chunks": 4, "batch": 16, "steps": 3000, "minutes": 40, "lr": 5e-4, "seed": 1, "hold_out": True,
-         "motion_weight": 2.0, "temporal_weight": 1.0, "sampler_shift": 1.5,
-         "rewards": {"short": "procedural_frame", "long": "procedural_video_motion"}},
+        V2_STAGE_2,
+        {**V2_STAGE_2, "lr": 5e-4, "sampler_shift": 1.5},  # stage 2 again, the sampler's steps ending lower
     ),
 }
 
