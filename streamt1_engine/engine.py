@@ -580,7 +580,11 @@ class StreamT1Engine:
                 f"pages ({gib(need * page_bytes)}), more than the {gib(room[0] + freed_first)} {room[1]}; run "
                 "fewer streams at once (max_streams) or a smaller search")
         if pool is None:
-            blocks = BlockPool.allocate(cfg, need, page_tokens, self.device, self.dtype)
+            try:
+                blocks = BlockPool.allocate(cfg, need, page_tokens, self.device, self.dtype)
+            except torch.OutOfMemoryError:
+                raise StreamT1Error(f"allocating a KV pool of {need} pages ({gib(need * page_bytes)}) ran out of "
+                                    f"memory on {self.device}; run fewer streams at once or a smaller search") from None
             self._pools[key] = _Pool(blocks, blocks.alloc() if scratch else None)
         else:
             pool.graphed = None  # the graphs read the old pool's tensors: captured again

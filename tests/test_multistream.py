@@ -749,6 +749,18 @@ def test_block_pool_growth_staged_on_the_host_frees_the_old_pages_before_allocat
     assert blocks.num_pages == 10 and blocks.frame_pos[pages[2]] == 6 and int(blocks.kv.page_frame_pos[pages[0]]) == 6
     assert [cache.alloc() for _ in range(2)] == [3, 4] and blocks.num_free == 5
 
+    def no_memory(shape, device, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    kept_k = blocks.kv.k.clone()
+    block_pool_module._new_pages = no_memory
+    try:
+        with pytest.raises(StreamT1Error, match="ran out of memory .* keeps its 10 pages"):
+            blocks.grow(20, stage_on="cpu")
+    finally:
+        block_pool_module._new_pages = original
+    assert blocks.num_pages == 10 and torch.equal(blocks.kv.k, kept_k) and blocks.num_free == 5
+
 
 def test_a_pool_growth_past_the_free_memory_fails_the_new_stream_in_one_line_not_the_running_one(alone):
     engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu")

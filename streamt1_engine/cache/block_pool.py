@@ -100,7 +100,16 @@ class BlockPool:
             self.kv = old = None  # the last references: the device pages are free before the new ones exist
         else:
             old_k, old_v, old_pos = old.k, old.v, old.page_frame_pos
-        k, v = _new_pages(shape, device, dtype), _new_pages(shape, device, dtype)
+        try:
+            k, v = _new_pages(shape, device, dtype), _new_pages(shape, device, dtype)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            k = v = None
+            if stage_on is not None:  # the old pages go back: the running streams keep the pool they had
+                self.kv = KVPool(old_k.to(device), old_v.to(device), old_pos.to(device), cos, sin)
+            raise StreamT1Error(f"growing the KV pool from {n_old} to {num_pages} pages ran out of memory on "
+                                f"{device}; the pool keeps its {n_old} pages") from None
         k[:, :n_old].copy_(old_k)
         v[:, :n_old].copy_(old_v)
         pos = torch.zeros(num_pages, device=device, dtype=old_pos.dtype)
@@ -129,7 +138,13 @@ def _new_pages(shape, device, dtype) -> torch.Tensor:
 
 def _stage(t: torch.Tensor, device) -> torch.Tensor:
     """A copy of ``t`` on ``device`` (pinned host memory for a CUDA tensor: a fast copy back)."""
-    pinned = t.is_cuda and torch.device(device).type == "cpu"
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pinned)
-    out.copy_(t)
-    return out
+    if t.is_cuda and torch.device(device).type == "cpu":
+        try:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        except RuntimeError:  # no pinnable memory left: pageable host memory is slower, not wrong
+            pass
+    return t.to(device, copy=True)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
