@@ -22,12 +22,13 @@ from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import EngineBusy, StreamT1Error, require
-from .memory import DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, refusal
+from .memory import (DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, gib,
+                     refusal)
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
 from .prompt_schedule import parse_prompt_schedule, split_schedule
 from .sampler import EagerDenoiser, make_schedule
-from .scheduler import Demand, Scheduler
+from .scheduler import Demand, RoundRobin, Scheduler
 from .search.beam_search import BeamSearch, ChunkRecord
 from .search.config import SearchConfig
 from .search.executor import batch_bucket, run_batched
@@ -153,9 +154,9 @@ class StreamT1Engine:
         device has free (available RAM on CPU), None turns the up-front check off; a request whose estimate does not
         fit alone is refused, one that fits alone but not beside the running streams waits for them.
         ``max_streams``: streams running at once (their candidates denoise in one forward); ``max_queue``:
-        requests waiting beyond that (``submit`` refuses past it); ``kv_pages``: a fixed KV pool size in pages
-        (None: the pool grows to what the admitted streams reserve); ``max_batch``: most candidates in one
-        forward (None: no cap beyond ``max_streams``)."""
+        requests waiting beyond that (``submit`` refuses past it); ``kv_pages``: a fixed KV pool size in pages, per
+        frame size (None: each pool grows to what its admitted streams reserve); ``max_batch``: most candidates
+        in one forward (None: no cap beyond ``max_streams``)."""
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.backend = resolve_backend(attention_backend, self.device)
@@ -166,14 +167,13 @@ class StreamT1Engine:
         self.config, self.fps, self.name = config, fps, name
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
-        self._blocks: BlockPool | None = None  # the KV pages every stream shares (owned by the worker)
-        self._blocks_key: tuple | None = None
-        self._scratch_page: int | None = None
+        self._pools: dict[tuple, _Pool] = {}  # one KV pool per page layout, shared by its streams (worker-owned)
+        self._last_pool_key: tuple | None = None
+        self._turns = RoundRobin()  # which layout's streams take the next chunk step
         self.sync_stages = sync_stages
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         if cuda_graphs and not self.cuda_graphs:
             warnings.warn(GRAPHS_NEED_CUDA, RuntimeWarning, stacklevel=2)
-        self._graphed = None  # GraphedDenoiser bound to self._blocks' pool
         self._scheduler = Scheduler(max_streams, max_queue, kv_pages, max_batch)
         self.kv_pages = kv_pages
         self._lock = threading.RLock()
@@ -285,7 +285,7 @@ class StreamT1Engine:
         if self.memory_limit == "auto":
             free, where = available_memory(self.device)
             # the pool of the previous run is reused or freed before this one allocates: it is room too
-            held = self._blocks.kv.nbytes() if self._blocks is not None else 0
+            held = sum(p.blocks.kv.nbytes() for p in self._pools.values())
             return free + held, where
         return self.memory_limit, "memory limit"
 
@@ -425,11 +425,11 @@ class StreamT1Engine:
 
     def stats(self) -> dict:
         with self._lock:
-            blocks = self._blocks
-            scratch = 0 if self._scratch_page is None else 1
+            pools = list(self._pools.values())
+            scratch = sum(p.scratch_page is not None for p in pools)
             return dict(queued=len(self._scheduler.queued), running=len(self._scheduler.running),
-                        pages_total=blocks.num_pages - scratch if blocks is not None else 0,
-                        pages_in_use=blocks.num_in_use - scratch if blocks is not None else 0, **self._counts)
+                        pages_total=sum(p.blocks.num_pages for p in pools) - scratch,
+                        pages_in_use=sum(p.blocks.num_in_use for p in pools) - scratch, **self._counts)
 
     def close(self) -> None:
         """Stop the worker thread; every queued and running stream is cancelled."""
@@ -441,11 +441,27 @@ class StreamT1Engine:
             worker.join()
 
     def free_pool(self) -> None:
-        """Drop the KV pool and the CUDA graphs while no stream runs (the next stream allocates a new pool)."""
+        """Drop the KV pools and the CUDA graphs while no stream runs (the next stream allocates a new pool)."""
         with self._lock:
             require(not self._scheduler.running and not self._scheduler.queued,
                     "the KV pool is in use by running or queued streams")
-            self._blocks = self._graphed = self._scratch_page = self._blocks_key = None
+            self._pools.clear()
+
+    # the pool used last (one layout: the pool), for tests and tools that look at one pool
+    @property
+    def _blocks(self) -> BlockPool | None:
+        pool = self._pools.get(self._last_pool_key)
+        return pool.blocks if pool is not None else None
+
+    @property
+    def _graphed(self):
+        pool = self._pools.get(self._last_pool_key)
+        return pool.graphed if pool is not None else None
+
+    @property
+    def _scratch_page(self) -> int | None:
+        pool = self._pools.get(self._last_pool_key)
+        return pool.scratch_page if pool is not None else None
 
     def _check_prompt(self, prompt) -> None:
         require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
@@ -496,9 +512,13 @@ class StreamT1Engine:
                 ready = [a for a in active.values() if not a.search_done and a.handle.has_room()
                          and not a.handle.cancel_requested]
                 if ready:
+                    # one layout's streams per step (they share forwards); the layouts take turns, and new
+                    # requests are admitted between the turns
+                    key = self._turns.pick(list(dict.fromkeys(a.page_key for a in ready)))
                     with torch.inference_mode():
-                        self._step(ready)
+                        self._step([a for a in ready if a.page_key == key], self._pools[key])
                     self._boundary(active)
+                    self._turns.forget(a.page_key for a in active.values())
                 else:
                     with self._lock:
                         if not self._closed:
@@ -517,38 +537,90 @@ class StreamT1Engine:
                     self._worker_thread = None
 
     def _admit(self) -> list[str]:
-        """Admit what fits and size the pool for it (at a chunk boundary: no forward is in flight)."""
+        """Admit what fits and size each layout's pool for it (at a chunk boundary: no forward is in flight).
+        Called with the lock held. A pool that cannot grow within the device's memory fails the requests that
+        needed it (one line) instead of running out of memory."""
         admitted = self._scheduler.admit()
-        if admitted:
-            first = self._handles[admitted[0]].request.stream
-            self._ensure_pool(first)
+        if not admitted:
+            return admitted
+        in_use = set(self._scheduler.page_keys)
+        for key in [k for k in self._pools if k not in in_use]:
+            del self._pools[key]  # a layout no stream uses any more: its memory goes to the others
+        by_key: dict[tuple, list[str]] = {}
+        for request_id in admitted:
+            by_key.setdefault(_page_key(self._handles[request_id].request.stream), []).append(request_id)
+        for key, ids in by_key.items():
+            try:
+                self._ensure_pool(key, self._handles[ids[0]].request.stream)
+            except StreamT1Error as exc:
+                for request_id in ids:
+                    admitted.remove(request_id)
+                    self._refuse_admitted(request_id, exc)
         return admitted
 
-    def _ensure_pool(self, stream_cfg: StreamConfig) -> None:
+    def _ensure_pool(self, key: tuple, stream_cfg: StreamConfig) -> None:
+        """This layout's pool holds what its running streams reserve; grown without holding two copies on a
+        CUDA device (``BlockPool.grow`` stages the old pages on the host)."""
         scratch = 1 if self.cuda_graphs else 0  # the page dummy rows of a padded batch write
-        need = (self.kv_pages if self.kv_pages is not None else self._scheduler.pages_reserved) + scratch
+        need = (self.kv_pages if self.kv_pages is not None else self._scheduler.pages_reserved_for(key)) + scratch
+        pool = self._pools.get(key)
+        self._last_pool_key = key
+        if pool is not None and pool.blocks.num_pages >= need:
+            return
         page_tokens = page_tokens_for(self.config.model, stream_cfg)
-        blocks = self._blocks
-        if blocks is None or blocks.page_tokens != page_tokens or self._blocks_key != _page_key(stream_cfg):
-            self._blocks = self._graphed = self._scratch_page = None  # free the old pool first
-            self._blocks = BlockPool.allocate(self.config.model, need, page_tokens, self.device, self.dtype)
-            self._blocks_key = _page_key(stream_cfg)
-            self._scratch_page = self._blocks.alloc() if scratch else None
-        elif blocks.num_pages < need:
-            self._graphed = None  # the graphs read the old pool's tensors: captured again
-            blocks.grow(need)
+        cfg = self.config.model
+        page_bytes = 2 * cfg.num_layers * page_tokens * cfg.num_heads * cfg.head_dim * \
+            torch.empty((), dtype=self.dtype).element_size()
+        staged = self.device.type == "cuda"
+        freed_first = pool.blocks.kv.nbytes() if pool is not None and staged else 0
+        room = self._pool_room()
+        if room is not None and need * page_bytes > room[0] + freed_first:
+            raise StreamT1Error(
+                f"the KV pool for {stream_cfg.latent_height}x{stream_cfg.latent_width} latents would grow to {need} "
+                f"pages ({gib(need * page_bytes)}), more than the {gib(room[0] + freed_first)} {room[1]}; run "
+                "fewer streams at once (max_streams) or a smaller search")
+        if pool is None:
+            try:
+                blocks = BlockPool.allocate(cfg, need, page_tokens, self.device, self.dtype)
+            except torch.OutOfMemoryError:
+                raise StreamT1Error(f"allocating a KV pool of {need} pages ({gib(need * page_bytes)}) ran out of "
+                                    f"memory on {self.device}; run fewer streams at once or a smaller search") from None
+            self._pools[key] = _Pool(blocks, blocks.alloc() if scratch else None)
+        else:
+            pool.graphed = None  # the graphs read the old pool's tensors: captured again
+            pool.blocks.grow(need, stage_on="cpu" if staged else None)
 
-    def _batch_denoiser(self, text):
-        """One denoiser for every stream of the pool; each call carries its own prompt context."""
+    def _pool_room(self) -> tuple[int, str] | None:
+        """(bytes, where) a pool may newly take on the device, or None (no check). With an explicit limit the
+        scheduler's budget already counts every stream's pages; "auto" also asks the device what is free now."""
+        return available_memory(self.device) if self.memory_limit == "auto" else None
+
+    def _refuse_admitted(self, request_id: str, exc: BaseException) -> None:
+        """An admitted request that never started fails (it holds no pages). Called with the lock held."""
+        self._scheduler.finish(request_id)
+        handle = self._handles.pop(request_id)
+        self._out_of_memory.pop(request_id, None)
+        self._counts["streams_failed"] += 1
+        handle.end("failed", exc)
+        handle.mark_released()
+
+    def _batch_denoiser(self, text, pool: "_Pool", batch: list["_Active"]):
+        """One denoiser for every stream of the pool; each call carries its own prompt context. The eager
+        loop stops between denoising steps once every stream of the batch is cancelled."""
         if self.cuda_graphs:
-            if self._graphed is None or self._graphed.pool is not self._blocks.kv:
-                self._graphed = None
-                self._graphed = GraphedDenoiser(self.model, self.schedule, text, self._blocks.kv,
-                                                self.config.sampler.context_timestep)
-            return self._graphed
-        if self.use_nvtx and nvtx_available():
-            return NvtxEagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
-        return EagerDenoiser(self.model, self.schedule, text, self.config.sampler.context_timestep)
+            if pool.graphed is None or pool.graphed.pool is not pool.blocks.kv:
+                pool.graphed = None
+                pool.graphed = GraphedDenoiser(self.model, self.schedule, text, pool.blocks.kv,
+                                               self.config.sampler.context_timestep)
+            return pool.graphed
+
+        def stop_if_all_cancelled(step: int) -> None:
+            if all(a.handle.cancel_requested for a in batch):
+                raise _Cancelled(step)
+
+        kind = NvtxEagerDenoiser if self.use_nvtx and nvtx_available() else EagerDenoiser
+        return kind(self.model, self.schedule, text, self.config.sampler.context_timestep,
+                    between_steps=stop_if_all_cancelled)
 
     def _encode(self, prompt: str):
         text_states = self.text_encoder.encode([prompt]).to(self.device)
@@ -558,13 +630,13 @@ class StreamT1Engine:
         handle = self._handles[request_id]
         req = handle.request
         a = _Active(handle, StageTimer(use_nvtx=self.use_nvtx, synchronize=self.sync_stages),
-                    self._out_of_memory.pop(request_id))
+                    self._out_of_memory.pop(request_id), _page_key(req.stream))
         active[request_id] = a
         try:
             with torch.inference_mode(), a.timer.range("text_encode"):
                 text = self._encode(req.prompt)
             cfg = req.stream
-            cache = PagedKVCache.shared(self._blocks, self.config.model, cfg,
+            cache = PagedKVCache.shared(self._pools[a.page_key].blocks, self.config.model, cfg,
                                         "triton" if self.backend == "triton" else "torch")
             latent_shape = (self.config.model.in_channels, cfg.chunk_frames, cfg.latent_height, cfg.latent_width)
             short, long, _ = req.rewards
@@ -581,8 +653,10 @@ class StreamT1Engine:
         except Exception as exc:  # noqa: BLE001 - this stream fails, the others go on
             self._fail(active, a, exc)
 
-    def _step(self, ready: list["_Active"]) -> None:
-        """One chunk for every ready stream: their denoise work in one call, then their context passes."""
+    def _step(self, ready: list["_Active"], pool: "_Pool") -> None:
+        """One chunk for every ready stream of one pool: their denoise work in one call, then their context
+        passes. A cancelled stream leaves at once: between denoising steps (the eager loop), after the denoise
+        call (no VAE decode, rewards or context pass for it), and before the context pass."""
         gens, works = {}, {}
         for a in ready:
             try:
@@ -591,18 +665,29 @@ class StreamT1Engine:
                 works[a] = next(gens[a])
             except Exception as exc:  # noqa: BLE001
                 self._fail_soon(a, self._map_error(a, exc))
+
+        def drop(a: "_Active") -> None:
+            gens[a].close()  # the chunk is abandoned; its pages return with the stream's at the boundary
+            del works[a]
+
         for phase in ("denoise", "context_pass"):
+            for a in [a for a in works if a.handle.cancel_requested]:
+                drop(a)
             batch = [a for a in ready if a in works]
             if not batch:
                 return
-            denoiser = self._batch_denoiser(works[batch[0]].text)
+            denoiser = self._batch_denoiser(works[batch[0]].text, pool, batch)
             rows = sum(works[a].rows for a in batch)
             pad = batch_bucket(rows) if self.cuda_graphs and len(batch) > 1 else None
             started = time.perf_counter()
             try:
                 with batch[0].timer.range(phase):  # one profiler range per batched call
                     results = run_batched(denoiser, [works[a] for a in batch], pad_to=pad,
-                                          scratch_page=self._scratch_page)
+                                          scratch_page=pool.scratch_page)
+            except _Cancelled:  # every stream of the call was cancelled mid-chunk
+                for a in batch:
+                    drop(a)
+                return
             except Exception as exc:  # noqa: BLE001 - the batched forward failed: every stream in it fails
                 for a in batch:
                     self._fail_soon(a, self._map_error(a, exc))
@@ -612,6 +697,9 @@ class StreamT1Engine:
                 if i:  # every stream of the batch waited for the whole call
                     a.timer.seconds[phase] += seconds
                     a.timer.calls[phase] += 1
+                if a.handle.cancel_requested:
+                    drop(a)
+                    continue
                 try:
                     works[a] = gens[a].send(result)
                 except StopIteration as done:
@@ -670,6 +758,7 @@ class StreamT1Engine:
         """The final pick over what exists; its remaining chunks wait for room, the pages are free at once."""
         handle, req, runner = a.handle, a.handle.request, a.runner
         if runner.chunk_index > 0:
+            pool = self._pools[a.page_key]
             with torch.inference_mode(), a.timer.range("final_pick"):
                 best, beam_scores = runner.choose_final(req.rewards[2])
             for node in runner.beams[best].node.lineage()[a.emitted:]:
@@ -679,10 +768,10 @@ class StreamT1Engine:
                 search=req.search.used_dict(), stream=req.stream.to_dict(), seed=req.seed,
                 num_chunks=req.num_chunks, model=self.name, device=str(self.device),
                 dtype=str(self.dtype).removeprefix("torch."), attention_backend=self.backend,
-                kv_pool_pages=self._blocks.num_pages, kv_pool_bytes=self._blocks.kv.nbytes(),
+                kv_pool_pages=pool.blocks.num_pages, kv_pool_bytes=pool.blocks.kv.nbytes(),
                 seconds=round(time.perf_counter() - a.started, 4), stages=a.timer.summary(),
                 cuda_graphs=self.cuda_graphs,
-                graph_capture_seconds=dict(self._graphed.capture_seconds) if self._graphed else {})
+                graph_capture_seconds=dict(pool.graphed.capture_seconds) if pool.graphed else {})
             if runner.prompt_switches:
                 handle.info["prompt_switches"] = [s.to_dict() for s in runner.prompt_switches]
         a.search_done = True
@@ -813,12 +902,26 @@ def _page_key(stream_cfg: StreamConfig) -> tuple:
 
 
 @dataclass(eq=False)
+class _Pool:
+    """The KV pool of one page layout and what is bound to it."""
+
+    blocks: BlockPool
+    scratch_page: int | None  # the page dummy rows of a padded batch write (CUDA graphs)
+    graphed: Any = None  # GraphedDenoiser captured against blocks.kv
+
+
+class _Cancelled(Exception):
+    """Raised between denoising steps when every stream of the batched call was cancelled."""
+
+
+@dataclass(eq=False)
 class _Active:
     """Worker-side state of one admitted stream."""
 
     handle: StreamHandle
     timer: StageTimer
     out_of_memory: Callable
+    page_key: tuple  # its pool's layout
     runner: BeamSearch | None = None
     started: float = field(default_factory=time.perf_counter)
     emitted: int = 0  # chunks of the lineage already made final

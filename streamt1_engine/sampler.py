@@ -50,12 +50,17 @@ class ChunkNoise:
     renoise: torch.Tensor  # [S - 1, N, C, F, h, w]
 
 
-def denoise_chunk(model, schedule: Schedule, noise: ChunkNoise, text, attn) -> torch.Tensor:
-    """Run every step for all candidates at once; returns the clean prediction x0 (float32)."""
+def denoise_chunk(model, schedule: Schedule, noise: ChunkNoise, text, attn, between_steps=None) -> torch.Tensor:
+    """Run every step for all candidates at once; returns the clean prediction x0 (float32).
+
+    ``between_steps(i)``: called before every step ``i`` after the first (a cancelled stream's driver raises
+    there, so a chunk in progress stops within one forward)."""
     x = noise.initial.float()
     n = x.shape[0]
     x0 = x
     for i, (t, sigma) in enumerate(zip(schedule.timesteps, schedule.sigmas)):
+        if i and between_steps is not None:
+            between_steps(i)
         timestep = torch.full((n,), t, device=x.device, dtype=torch.float32)
         flow = model(x, timestep, text, attn).float()
         x0 = x - sigma * flow
@@ -73,10 +78,12 @@ def context_pass(model, x0: torch.Tensor, text, attn, timestep: float = 0.0) -> 
 
 
 class EagerDenoiser:
-    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs."""
+    """Runs the chunk loop op by op; ``cuda_graphs.GraphedDenoiser`` replays the same work from graphs.
+    ``between_steps``: see ``denoise_chunk`` (a replayed graph runs its steps without a break)."""
 
-    def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0):
+    def __init__(self, model, schedule: Schedule, text, context_timestep: float = 0.0, between_steps=None):
         self.model, self.schedule, self.text, self.context_timestep = model, schedule, text, context_timestep
+        self.between_steps = between_steps
 
     def set_text(self, text) -> None:
         """Denoise the following chunks against another prompt (as ``GraphedDenoiser.set_text``)."""
@@ -84,7 +91,8 @@ class EagerDenoiser:
 
     def denoise(self, noise: ChunkNoise, attn, text=None) -> torch.Tensor:
         """``text``: this call's prompt context (B = 1 or one row per candidate); None: the one given at init."""
-        return denoise_chunk(self.model, self.schedule, noise, self.text if text is None else text, attn)
+        return denoise_chunk(self.model, self.schedule, noise, self.text if text is None else text, attn,
+                             self.between_steps)
 
     def context(self, x0: torch.Tensor, attn, text=None) -> None:
         context_pass(self.model, x0, self.text if text is None else text, attn, self.context_timestep)

@@ -1,11 +1,15 @@
-"""Admission of streams into one engine: a bounded FIFO queue, a page budget and a batch budget (host only).
+"""Admission of streams into one engine and whose chunk runs next (host only: no tensors).
 
 A request reserves, at admission, the worst-case pages of its stream layout and search
 (``PagedKVCache.pages_needed``), so an admitted stream never fails midway for lack of pages; its candidates
 count against ``max_batch`` (the most rows of one forward). Admission is strictly first in, first out: a
 request that does not fit yet waits, and the requests behind it wait too (no overtaking, so a large request is
-never starved). Streams share the pool only when their pages have the same layout (``page_key``: latent size
-and chunk frames); a request with another layout waits until no stream runs, then the pool is rebuilt for it.
+never starved).
+
+Pages of one pool have one layout (``page_key``: latent size and chunk frames). Each layout has a pool of its
+own, and streams of every layout run at once under the one ``max_streams`` and memory budget: streams of one
+layout share their forwards, the layouts take turns chunk by chunk (``RoundRobin``), so a small request waits
+for at most about one chunk of a large one.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ class Demand:
 class Scheduler:
     """Which requests run and which wait; every method is O(streams) host work, no tensors.
 
-    ``kv_pages``: fixed pool size (None: the pool grows to what the admitted streams reserve).
-    ``max_batch``: most candidates in one forward (None: no cap beyond ``max_streams``).
+    ``kv_pages``: fixed size of each layout's pool (None: a pool grows to what its admitted streams reserve).
+    ``max_batch``: most candidates in one forward, that is per layout (None: no cap beyond ``max_streams``).
     ``memory_budget``: bytes the running streams' estimates may add up to (None: no check); a stream alone is
     always admitted (a request that cannot fit alone is refused before it is queued), a second one waits
     until the sum fits, so several streams never take more than one of them was allowed."""
@@ -50,7 +54,11 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, request_id: str, demand: Demand) -> None:
-        """Queue a request, or refuse it now: a full queue, a duplicate id, or a demand that can never fit."""
+        """Queue a request, or refuse it now: a full queue, a duplicate id, or a demand that can never fit.
+
+        The queue counts the requests that will still wait once the worker admits what fits (it admits at its
+        next chunk boundary): requests that arrived together while the worker was busy are not refused for
+        the room they are about to free."""
         require(request_id not in self._queue and request_id not in self._running,
                 f"request id {request_id!r} is already in use")
         if self.kv_pages is not None and demand.pages > self.kv_pages:
@@ -59,9 +67,10 @@ class Scheduler:
         if self.max_batch is not None and demand.candidates > self.max_batch:
             raise StreamT1Error(f"request {request_id!r} runs {demand.candidates} candidates per forward, more "
                                 f"than max_batch={self.max_batch}; use a smaller search or raise max_batch")
-        if len(self._queue) >= self.max_queue:
+        waiting = len(self._queue) + 1 - self._admissible([*self._queue.values(), demand])
+        if waiting > self.max_queue:
             raise EngineBusy(f"the request queue is full ({self.max_queue} waiting, {len(self._running)} "
-                                "running); retry later or raise max_queue")
+                             "running); retry later or raise max_queue")
         self._queue[request_id] = demand
 
     def admit(self) -> list[str]:
@@ -69,7 +78,7 @@ class Scheduler:
         admitted = []
         while self._queue:
             request_id, demand = next(iter(self._queue.items()))
-            if not self._fits(demand):
+            if not self._fits(demand, list(self._running.values())):
                 break
             del self._queue[request_id]
             self._running[request_id] = demand
@@ -82,15 +91,22 @@ class Scheduler:
         self._running.pop(request_id, None)
         self._queue.pop(request_id, None)
 
-    def _fits(self, demand: Demand) -> bool:
+    def _admissible(self, demands: list[Demand]) -> int:
+        """How many of ``demands`` (queue order) ``admit`` would move to the running set now."""
         running = list(self._running.values())
+        for i, demand in enumerate(demands):
+            if not self._fits(demand, running):
+                return i
+            running.append(demand)
+        return len(demands)
+
+    def _fits(self, demand: Demand, running: list[Demand]) -> bool:
         if len(running) >= self.max_streams:
             return False
-        if running and running[0].page_key != demand.page_key:
-            return False  # another page layout: wait until the pool is empty
-        if self.kv_pages is not None and self.pages_reserved + demand.pages > self.kv_pages:
+        same = [d for d in running if d.page_key == demand.page_key]  # the streams of its pool
+        if self.kv_pages is not None and sum(d.pages for d in same) + demand.pages > self.kv_pages:
             return False
-        if self.max_batch is not None and sum(d.candidates for d in running) + demand.candidates > self.max_batch:
+        if self.max_batch is not None and sum(d.candidates for d in same) + demand.candidates > self.max_batch:
             return False
         if self.memory_budget is not None and running and \
                 sum(d.memory for d in running) + demand.memory > self.memory_budget:
@@ -113,7 +129,40 @@ class Scheduler:
     def pages_reserved(self) -> int:
         return sum(d.pages for d in self._running.values())
 
+    def pages_reserved_for(self, page_key: tuple) -> int:
+        """Pages the running streams of one layout reserve: what that layout's pool must hold."""
+        return sum(d.pages for d in self._running.values() if d.page_key == page_key)
+
     @property
-    def page_key(self) -> tuple | None:
-        """Page layout of the running streams (None when none runs)."""
-        return next(iter(self._running.values())).page_key if self._running else None
+    def page_keys(self) -> list[tuple]:
+        """Layouts of the running streams, each once, in order of admission."""
+        return list(dict.fromkeys(d.page_key for d in self._running.values()))
+
+
+class RoundRobin:
+    """Which layout's streams take the next chunk step: each ready layout in turn, in the order they first
+    became ready, so streams that cannot share a forward all make progress."""
+
+    def __init__(self):
+        self._order: list = []  # every layout seen, first seen first
+        self._last = None
+
+    def pick(self, ready: list):
+        """The layout after the last picked one (cyclically) among ``ready`` (not empty)."""
+        require(len(ready) > 0, "no layout is ready")
+        for key in ready:
+            if key not in self._order:
+                self._order.append(key)
+        start = self._order.index(self._last) + 1 if self._last in self._order else 0
+        ready_set = set(ready)
+        for i in range(len(self._order)):
+            key = self._order[(start + i) % len(self._order)]
+            if key in ready_set:
+                self._last = key
+                return key
+        raise AssertionError("unreachable: a ready layout is always in the order")
+
+    def forget(self, keys_in_use) -> None:
+        """Drop layouts no stream uses any more (the order stays bounded on a long-running server)."""
+        keep = set(keys_in_use)
+        self._order = [k for k in self._order if k in keep or k == self._last]

@@ -60,7 +60,7 @@ class StreamHandle:
         self._error: BaseException | None = None
         self._released = threading.Event()  # set once the stream holds no pages (or never held any)
         self._taken = 0  # chunks handed to the consumer
-        # requests from the caller, read by the worker at the next chunk boundary
+        # requests from the caller, read by the worker at the next chunk boundary (a cancel also between steps)
         self.cancel_requested = False
         self.stop_requested = False
         self.prompt_switches: deque[str] = deque()
@@ -130,8 +130,9 @@ class StreamHandle:
         return GenerationResult.from_chunks(self.request.prompt, got, self.records, self._engine.fps, self.info)
 
     def cancel(self, wait: bool = True) -> None:
-        """Drop the stream at once: the consumer's iterator ends; its pages return to the pool before this
-        returns (``wait``; from the worker thread itself, e.g. in a callback, at the end of the chunk step)."""
+        """Drop the stream at once: the consumer's iterator ends; the worker stops it before its next denoising
+        step or forward, and its pages return to the pool before this returns (``wait``; from the worker thread
+        itself, e.g. in a callback, right after that step)."""
         self.cancel_requested = True
         self._engine._cancel(self)
         if wait and threading.current_thread() is not self._engine._worker_thread:

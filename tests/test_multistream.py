@@ -4,8 +4,10 @@ The streams' candidates run in one forward per chunk step (checked by counting t
 tests fail if batching made a stream depend on the others (padding, per-batch kernels) or if pages leaked.
 """
 import asyncio
+import math
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -41,8 +43,10 @@ def alone(engine):
 
 
 def assert_pool_empty(engine):
-    blocks = engine._blocks
-    assert all(r == 0 for r in blocks.refcount) and blocks.num_free == blocks.num_pages
+    assert engine._pools
+    for pool in engine._pools.values():
+        blocks = pool.blocks
+        assert all(r == 0 for r in blocks.refcount) and blocks.num_free == blocks.num_pages
     assert engine.stats()["pages_in_use"] == 0
 
 
@@ -114,11 +118,12 @@ def test_streams_joining_and_leaving_keep_memory_flat_over_40_chunks(batch_sizes
 
 def test_the_pool_grows_mid_stream_without_changing_the_running_stream(alone):
     engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu")
-    joined, totals = [], []
+    joined, totals, old_pool = [], [], []
 
     def join_at_chunk_two(handle, index, record):
         totals.append(engine.stats()["pages_total"])
         if index == 1:  # a second stream arrives while this one is mid-way: the pool grows at the boundary
+            old_pool.append(weakref.ref(engine._blocks.kv.k))
             joined.append(engine.submit(**REQUESTS[0]))
 
     try:
@@ -126,6 +131,8 @@ def test_the_pool_grows_mid_stream_without_changing_the_running_stream(alone):
         assert_same(alone[2], first.result(timeout=300))
         assert_same(alone[0], joined[0].result(timeout=300))
         assert totals[-1] > totals[0], "the pool must have grown while the first stream ran"
+        # nothing but the block pool held the old pages (what lets a CUDA growth free them before allocating)
+        assert old_pool[0]() is None
         assert_pool_empty(engine)
     finally:
         engine.close()
@@ -191,16 +198,26 @@ def test_a_memory_limit_for_one_stream_makes_the_second_wait_not_fail(alone):
         engine.close()
 
 
-def test_a_stream_of_another_frame_size_waits_for_an_empty_pool(engine):
-    wide_alone = engine.generate("a wide stream", num_chunks=2, seed=4, height=16, width=48)
-    first = engine.submit("the first stream", num_chunks=4, seed=1, max_buffered_chunks=1)
-    next(first.chunks(timeout=300))  # running, paused at its bound
-    wide = engine.submit("a wide stream", num_chunks=2, seed=4, height=16, width=48)
-    time.sleep(0.2)
-    assert wide.status == "queued" and first.status == "running"
-    list(first.chunks(timeout=300))
-    got = wide.result(timeout=300)
-    assert torch.equal(got.frames, wide_alone.frames) and got.frames.shape[1:3] == (16, 48)
+def test_streams_of_another_frame_size_run_beside_a_long_one_taking_turns_per_chunk(engine):
+    """A small request of another frame size does not wait for the large stream to end: it is admitted at the
+    next chunk boundary, and the two layouts alternate chunk by chunk (they cannot share a forward)."""
+    small_alone = engine.generate("a wide stream", num_chunks=2, seed=4, height=16, width=48)
+    large_alone = engine.generate("the first stream", num_chunks=6, seed=1)
+    order, small = [], []
+
+    def record(handle, index, rec):
+        order.append((handle.request.prompt, index))
+        if handle.request.prompt == "the first stream" and index == 1:  # arrives while the large one runs
+            small.append(engine.submit("a wide stream", num_chunks=2, seed=4, height=16, width=48,
+                                       callback_on_chunk_end=record))
+
+    large = engine.submit("the first stream", num_chunks=6, seed=1, callback_on_chunk_end=record)
+    got_large = large.result(timeout=300)
+    got_small = small[0].result(timeout=300)
+    assert order[:6] == [("the first stream", 0), ("the first stream", 1), ("a wide stream", 0),
+                         ("the first stream", 2), ("a wide stream", 1), ("the first stream", 3)]
+    assert torch.equal(got_small.frames, small_alone.frames) and got_small.frames.shape[1:3] == (16, 48)
+    assert_same(large_alone, got_large)
     assert_pool_empty(engine)
 
 
@@ -591,3 +608,172 @@ def test_interpreter_exit_with_a_running_stream_is_clean():
               "time.sleep(0.3)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_concurrent_arrivals_take_every_free_slot_and_queue_place_then_get_one_line_full():
+    """Arrivals while the worker is busy mid-chunk (it admits only at chunk boundaries): with max_streams=2,
+    max_queue=2 and one stream running, exactly three of six simultaneous submits are accepted (one slot, two
+    queue places), the others refused with the queue-full line; repeated."""
+    engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu", max_streams=2, max_queue=2)
+    try:
+        for repeat in range(4):
+            gate, inside = threading.Event(), threading.Event()
+
+            def hold(handle, index, record):
+                inside.set()
+                assert gate.wait(60)
+
+            holder = engine.submit("the running stream", num_chunks=1, callback_on_chunk_end=hold)
+            assert inside.wait(60)  # the worker is inside a chunk step: nothing is admitted until the gate opens
+            arrivals = 6
+            barrier = threading.Barrier(arrivals)
+            answers = [None] * arrivals
+
+            def arrive(i):
+                barrier.wait()
+                try:
+                    answers[i] = engine.submit(f"arrival {repeat} {i}", num_chunks=1)
+                except EngineBusy as exc:
+                    answers[i] = exc
+
+            threads = [threading.Thread(target=arrive, args=(i,)) for i in range(arrivals)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            accepted = [a for a in answers if not isinstance(a, EngineBusy)]
+            refused = [a for a in answers if isinstance(a, EngineBusy)]
+            assert len(accepted) + 1 == engine._scheduler.max_streams + engine._scheduler.max_queue
+            assert len(refused) == arrivals - len(accepted)
+            assert all("queue is full" in str(e) and "\n" not in str(e) for e in refused)
+            gate.set()
+            for h in [holder, *accepted]:
+                h.result(timeout=300)
+            assert engine.stats()["pages_in_use"] == 0 and engine.stats()["queued"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_cancel_mid_chunk_runs_no_further_forward_and_frees_the_pages(engine):
+    """Cancelled from inside a denoising step (a forward hook after chunk 0): the chunk in progress stops
+    before its next step; no VAE decode, context pass or later chunk runs, and every page is back."""
+    assert engine.schedule.num_steps >= 2
+    armed, forwards_after = [], []
+
+    def arm(handle, index, record):
+        armed.append(handle)
+
+    def count_forward(module, args):
+        if armed:
+            forwards_after.append(1)
+            if len(forwards_after) == 1:  # chunk 1, first denoising step
+                armed[0].cancel()  # from the worker thread: takes effect before the next forward
+
+    hook = engine.model.register_forward_pre_hook(count_forward)
+    try:
+        handle = engine.submit("cancelled mid-chunk", num_chunks=4, seed=5, callback_on_chunk_end=arm,
+                               search=BEST_OF_3, **REWARDS)
+        assert [c.index for c in handle.chunks(timeout=300)] in ([], [0])  # chunk 0 only, if taken in time
+        handle._wait_released()
+    finally:
+        hook.remove()
+    assert handle.status == "cancelled"
+    assert len(forwards_after) == 1, f"{len(forwards_after) - 1} forwards ran after the cancel"
+    assert len(handle.records) == 1  # chunk 1 never completed
+    assert_pool_empty(engine)
+
+
+def test_a_cancelled_stream_leaves_a_shared_batch_after_the_denoise_call(engine, alone):
+    """Two streams share each forward; one is cancelled mid-step: the call finishes for the other (its rows
+    need it), the cancelled one gets no decode/context pass, and the other equals itself alone."""
+    armed, context_rows = [], []
+
+    def arm(handle, index, record):
+        if handle.request.prompt == "to cancel" and index == 0:
+            armed.append(handle)
+
+    def on_forward(module, args):
+        x, attn = args[0], args[3]
+        if attn.write_pages is not None and armed and armed[0].cancel_requested:
+            context_rows.append(x.shape[0])
+        if armed and not armed[0].cancel_requested:
+            armed[0].cancel()
+
+    hook = engine.model.register_forward_pre_hook(on_forward)
+    try:
+        other = engine.submit(**REQUESTS[0])
+        cancelled = engine.submit("to cancel", num_chunks=5, seed=7, callback_on_chunk_end=arm)
+        got = other.result(timeout=300)
+        cancelled._wait_released()
+    finally:
+        hook.remove()
+    assert cancelled.status == "cancelled" and len(cancelled.records) == 1
+    assert_same(alone[0], got)
+    assert context_rows and all(n == 1 for n in context_rows), "only the other stream's survivor is written"
+    assert_pool_empty(engine)
+
+
+def test_block_pool_growth_staged_on_the_host_frees_the_old_pages_before_allocating_the_new():
+    """What a CUDA pool's growth does (``stage_on``), checked on CPU: the only device allocations are the new
+    pool's K and V, made after the old pool's storage is gone (no moment holds both), with pages kept."""
+    from streamt1_engine.cache import BlockPool
+    from streamt1_engine.cache import block_pool as block_pool_module
+    from streamt1_engine.config import StreamConfig, WanConfig
+
+    cfg, stream = WanConfig.tiny(), StreamConfig.tiny()
+    tokens = PagedKVCache(cfg, stream, 1, "cpu", torch.float32).page_tokens
+    blocks = BlockPool.allocate(cfg, 4, tokens, "cpu", torch.float32)
+    cache = PagedKVCache.shared(blocks, cfg, stream)
+    pages = cache.new_chunk_pages(3, 6).tolist()
+    torch.manual_seed(0)
+    blocks.kv.k.normal_()
+    blocks.kv.v.normal_()
+    want_k, want_v = blocks.kv.k.clone(), blocks.kv.v.clone()
+    old_k, old_v = weakref.ref(blocks.kv.k), weakref.ref(blocks.kv.v)
+    allocations = []
+    original = block_pool_module._new_pages
+
+    def spy(shape, device, dtype):
+        allocations.append((math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                            old_k() is None and old_v() is None))
+        return original(shape, device, dtype)
+
+    block_pool_module._new_pages = spy
+    try:
+        blocks.grow(10, stage_on="cpu")
+    finally:
+        block_pool_module._new_pages = original
+    new_bytes = blocks.kv.nbytes() // 2
+    assert allocations == [(new_bytes, True), (new_bytes, True)], "only the new K and V, after the old ones died"
+    assert torch.equal(blocks.kv.k[:, :4], want_k) and torch.equal(blocks.kv.v[:, :4], want_v)
+    assert blocks.num_pages == 10 and blocks.frame_pos[pages[2]] == 6 and int(blocks.kv.page_frame_pos[pages[0]]) == 6
+    assert [cache.alloc() for _ in range(2)] == [3, 4] and blocks.num_free == 5
+
+    def no_memory(shape, device, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    kept_k = blocks.kv.k.clone()
+    block_pool_module._new_pages = no_memory
+    try:
+        with pytest.raises(StreamT1Error, match="ran out of memory .* keeps its 10 pages"):
+            blocks.grow(20, stage_on="cpu")
+    finally:
+        block_pool_module._new_pages = original
+    assert blocks.num_pages == 10 and torch.equal(blocks.kv.k, kept_k) and blocks.num_free == 5
+
+
+def test_a_pool_growth_past_the_free_memory_fails_the_new_stream_in_one_line_not_the_running_one(alone):
+    engine = StreamT1Engine.from_pretrained("random-tiny", device="cpu")
+    try:
+        first = engine.submit(**REQUESTS[2], max_buffered_chunks=1)
+        next(first.chunks(timeout=300))  # running, its pool allocated
+        engine._pool_room = lambda: (0, "free on the test device")  # the device is full now
+        second = engine.submit(**REQUESTS[0])
+        with pytest.raises(StreamT1Error, match="KV pool .* would grow to") as e:
+            second.result(timeout=300)
+        assert "\n" not in str(e.value) and second.status == "failed"
+        rest = list(first.chunks(timeout=300))
+        assert len(rest) + 1 == REQUESTS[2]["num_chunks"] and first.status == "finished"
+        assert engine.stats()["pages_in_use"] == 0 and engine.stats()["streams_failed"] == 1
+    finally:
+        engine.close()

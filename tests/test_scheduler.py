@@ -2,7 +2,7 @@
 import pytest
 
 from streamt1_engine import StreamT1Error
-from streamt1_engine.scheduler import Demand, Scheduler
+from streamt1_engine.scheduler import Demand, RoundRobin, Scheduler
 
 KEY = (3, 8, 8)
 
@@ -75,17 +75,49 @@ def test_batch_budget_counts_candidates():
     assert s.admit() == ["b", "c"]
 
 
-def test_another_page_layout_waits_until_the_pool_is_empty():
-    s = Scheduler(max_streams=8, max_queue=10)
-    s.submit("a", demand())
-    s.submit("wide", demand(key=(3, 8, 16)))
-    s.submit("b", demand())
-    assert s.admit() == ["a"] and s.page_key == KEY
-    s.finish("a")
-    assert s.page_key is None
-    assert s.admit() == ["wide"] and s.page_key == (3, 8, 16)
-    s.finish("wide")
-    assert s.admit() == ["b"]
+def test_other_page_layouts_run_beside_each_other_each_with_its_own_page_and_batch_budget():
+    s = Scheduler(max_streams=8, max_queue=10, kv_pages=6, max_batch=4)
+    wide = (3, 8, 16)
+    s.submit("a", demand(pages=4, candidates=3))
+    s.submit("w", demand(pages=5, candidates=4, key=wide))  # its own pool: a's pages and rows do not count
+    s.submit("b", demand(pages=2, candidates=1))
+    s.submit("c", demand(pages=1))  # a + b fill their pool's 6 pages: c waits
+    assert s.admit() == ["a", "w", "b"] and s.page_keys == [KEY, wide]
+    assert s.pages_reserved_for(KEY) == 6 and s.pages_reserved_for(wide) == 5
+    s.finish("w")
+    assert s.admit() == [] and s.page_keys == [KEY]
+    s.finish("b")
+    assert s.admit() == ["c"]
+
+
+def test_the_queue_limit_counts_only_requests_that_will_still_wait():
+    """Requests that arrive together before the worker admits any are not refused for the slots they are about
+    to take: exactly max_streams + max_queue are accepted, then the queue is full."""
+    s = Scheduler(max_streams=2, max_queue=2)
+    for name in "abcd":
+        s.submit(name, demand())
+    with pytest.raises(StreamT1Error, match="queue is full"):
+        s.submit("e", demand())
+    assert s.admit() == ["a", "b"] and s.queued == ["c", "d"]
+    s.finish("a")  # a slot is free but not yet taken: one more arrival fits
+    s.submit("e", demand())
+    with pytest.raises(StreamT1Error, match="queue is full"):
+        s.submit("f", demand())
+    assert s.admit() == ["c"] and s.queued == ["d", "e"]
+
+
+def test_round_robin_gives_every_ready_layout_a_turn():
+    turns = RoundRobin()
+    picks = [turns.pick(["big", "small"]) for _ in range(4)]
+    assert picks == ["big", "small", "big", "small"]
+    assert turns.pick(["big"]) == "big" and turns.pick(["big"]) == "big"  # alone: every turn
+    assert turns.pick(["small", "big", "third"]) == "small"  # the order is first-seen, not the caller's
+    assert turns.pick(["small", "big", "third"]) == "third"
+    assert turns.pick(["small", "big", "third"]) == "big"
+    turns.forget(["third"])  # big and small are gone from the engine: the order stays bounded
+    assert turns.pick(["new", "third"]) == "third" and turns.pick(["new", "third"]) == "new"
+    with pytest.raises(StreamT1Error):
+        turns.pick([])
 
 
 def test_refusals_are_clear_and_leave_the_queue_unchanged():
