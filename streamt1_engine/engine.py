@@ -448,7 +448,8 @@ class StreamT1Engine:
             self._blocks = self._graphed = self._scratch_page = self._blocks_key = None
 
     def _check_prompt(self, prompt) -> None:
-        require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
+        require(isinstance(prompt, str), f"prompt must be a string, got {type(prompt).__name__}")
+        require(prompt.strip() != "", "prompt is empty")
         require_text(prompt, "prompt")
 
     def _wake(self) -> None:

@@ -79,13 +79,27 @@ class MemoryEstimate:
         return {**asdict(self), "run": self.run, "total": self.total}
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name.replace('_', ' ')} {gib(getattr(self, name))}"
+        parts = ", ".join(f"{name.replace('_', ' ')} {size_text(getattr(self, name))}"
                           for name in ("kv_pool", "activations", "vae", "rewards", "frames"))
-        return f"{gib(self.run)} ({parts})"
+        return f"{size_text(self.run)} ({parts})"
 
 
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def size_text(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1, so a small size never reads as 0.00 GiB."""
+    if n < 1024:
+        return f"{n} bytes" if n != 1 else "1 byte"
+    value, unit = float(n), "bytes"
+    for unit in _UNITS:
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.2f} {unit}"
+
+
+gib = size_text  # the name the estimate's messages used when they were always in GiB
 
 
 def estimate_memory(model: WanConfig, shape: RunShape, weight_bytes: int = 0) -> MemoryEstimate:
@@ -175,7 +189,7 @@ def refusal(model: WanConfig, shape: RunShape, estimate: MemoryEstimate, limit: 
     def fits(s: RunShape) -> bool:
         return estimate_memory(model, s).run <= limit
 
-    head = f"estimated peak memory {estimate.describe()} exceeds the {gib(limit)} {where}"
+    head = f"estimated peak memory {estimate.describe()} exceeds the {size_text(limit)} {where}"
     tail = "or set a higher --memory-limit" if where == "memory limit" else "or pass --memory-limit to override"
     b, k = shape.children, shape.survivors
     if strategy == "stream_t1":
