@@ -22,7 +22,8 @@ from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import EngineBusy, StreamT1Error, require
-from .memory import DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, refusal
+from .memory import (DEFAULT_VAE_BYTES_PER_PIXEL, HeapTrimmer, MemoryEstimate, RunShape, available_memory,
+                     estimate_memory, refusal)
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
 from .prompt_schedule import parse_prompt_schedule, split_schedule
@@ -177,6 +178,7 @@ class StreamT1Engine:
         self._scheduler = Scheduler(max_streams, max_queue, kv_pages, max_batch)
         self.kv_pages = kv_pages
         self._lock = threading.RLock()
+        self._trim_heap = HeapTrimmer()  # at chunk boundaries: a long stream's resident size stays flat
         self._wakeup = threading.Condition(self._lock)
         self._handles: dict[str, StreamHandle] = {}  # queued and running, by request id
         self._out_of_memory: dict[str, Callable] = {}
@@ -500,6 +502,7 @@ class StreamT1Engine:
                     with torch.inference_mode():
                         self._step(ready)
                     self._boundary(active)
+                    self._trim_heap()
                 else:
                     with self._lock:
                         if not self._closed:
