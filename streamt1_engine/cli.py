@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     from .serving.command import add_serve_parser
 
     add_serve_parser(sub)
+    inspect = sub.add_parser("inspect", help="say whether the run behind a video or run record finished")
+    inspect.add_argument("path", help="the video (out.mp4) or its run record (out.json)")
     return parser
 
 
@@ -226,6 +229,7 @@ def generate(args) -> int:
 
     from .engine import StreamT1Engine, require_text
     from .memory import parse_size
+    from .run_record import writer_fields
     from .video_io import Mp4StreamWriter, write_json
 
     output = Path(args.output)
@@ -236,6 +240,11 @@ def generate(args) -> int:
         require_text(args.prompt, "prompt")
     search = search_config(args)
     _warn_ignored(args, search)
+    schedule_spec = None
+    if args.prompt_schedule is not None:  # read before the model loads: a missing file or line fails first
+        from .prompt_schedule import read_prompt_schedule
+
+        schedule_spec = read_prompt_schedule(args.prompt_schedule, args.prompt_schedule_line)
     import torch
 
     torch.set_num_threads(args.threads or default_threads())
@@ -247,11 +256,14 @@ def generate(args) -> int:
                                             **stream_options(args))
     fps = args.fps if args.fps is not None else engine.fps
     schedule = None
-    if args.prompt_schedule is not None:
-        from .prompt_schedule import load_prompt_schedule, split_schedule
+    if schedule_spec is not None:
+        from .prompt_schedule import parse_prompt_schedule, split_schedule
 
-        schedule = load_prompt_schedule(args.prompt_schedule, num_chunks=args.chunks,
-                                        chunk_frames=engine.config.stream.chunk_frames, line=args.prompt_schedule_line)
+        try:
+            schedule = parse_prompt_schedule(schedule_spec, num_chunks=args.chunks,
+                                             chunk_frames=engine.config.stream.chunk_frames)
+        except StreamT1Error as exc:
+            raise StreamT1Error(f"{args.prompt_schedule}: {exc}") from None
         args.prompt = split_schedule(schedule, args.prompt)[0]
     estimate = engine.check_memory(num_chunks=args.chunks, search=search, height=args.height, width=args.width)
     factor = engine.vae.spatial_factor
@@ -277,6 +289,7 @@ def generate(args) -> int:
         data["chunks"] = [r.to_dict() for r in info.get("records", [])]
         if failure is not None:
             data["error"] = str(failure)
+        data.update(writer_fields())  # who writes it and when: a "running" record of a dead process did not finish
         return data
 
     def save_record() -> None:
@@ -304,6 +317,7 @@ def generate(args) -> int:
                     with guard.writing():
                         writer.append(chunk.frames.numpy())
                         seeds.append(chunk.seed)
+                    save_record()  # the record says what the video holds, whatever ends the run next
                 status = "complete"
             except Interrupted as exc:
                 interrupted, status = exc, "interrupted"
@@ -348,6 +362,15 @@ def generate(args) -> int:
     return 0
 
 
+def inspect_run(args) -> int:
+    """One line on the run behind a video or record; exit 0 only for a run that finished ("complete")."""
+    from .run_record import describe_run
+
+    state, line = describe_run(args.path)
+    print(line)
+    return 0 if state == "complete" else 1
+
+
 def _warn_ignored(args, search: SearchConfig) -> None:
     """Options the chosen strategy does not use are named once, so nobody believes they took effect."""
     defaults = SearchConfig()
@@ -357,9 +380,17 @@ def _warn_ignored(args, search: SearchConfig) -> None:
         print(f"warning: --search {search.strategy} ignores {', '.join(given)}", file=sys.stderr)
 
 
+def check_port(port: int) -> None:
+    """A TCP port, checked while parsing: a bad one must not wait for the model to load to fail."""
+    if not 0 <= port <= 65535:
+        raise StreamT1Error(f"--port must be in 0..65535, got {port}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse once; with ``--config``, parse again with the YAML's values as defaults, so explicit flags win."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        check_port(args.port)
     defaults = {}
     if getattr(args, "preset", None):
         defaults.update(RUN_PRESETS[args.preset].cli_defaults())
@@ -370,7 +401,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@contextmanager
+def one_line_warnings():
+    """Warnings (a default taken for a key a model folder leaves out, ...) print as ``warning: ...``, one line,
+    not Python's two lines of file, line number and source."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
+    with one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
     except StreamT1Error as exc:
@@ -385,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.command import serve
 
             return serve(args)
+        if args.command == "inspect":
+            return inspect_run(args)
     except StreamT1Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -98,6 +98,8 @@ class StreamConfig:
     latent_width: int = 104
     max_frames: int = 4096
 
+    OLD_KEYS = tuple(_OLD_STREAM_KEYS)  # the first format version's names (read by from_dict, with a warning)
+
     def __post_init__(self):
         validate_fields(self, _STREAM_RULES)
         c = self.num_frame_per_block
@@ -224,6 +226,38 @@ _WAN_RULES = {name: at_least(1) for name in ("dim", "ffn_dim", "num_heads", "num
 _WAN_RULES.update(eps=between(0.0, 1.0), rope_theta=at_least(1.0))
 _STREAM_RULES = {"latent_height": at_least(1), "latent_width": at_least(1), "max_frames": at_least(1)}
 _SAMPLER_RULES = {"shift": at_least(0.0), "num_train_timesteps": at_least(1), "context_timestep": at_least(0.0)}
+
+
+# What a model folder must state: the shapes, and the head count and text length, which the weights do not show
+# (a missing one would otherwise fall back to Wan2.1-1.3B's value: a shape mismatch, or silently wrong heads).
+REQUIRED_MODEL_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim",
+                       "text_len", "freq_dim")
+# The latent frame size: no default fits every VAE (Wan's 60x104 would make the tiny model run at 416x240).
+REQUIRED_STREAM_KEYS = ("latent_height", "latent_width")
+
+
+def check_section_keys(cls, data, where: str, required: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
+    """A config section read from a file names what it leaves out: a ``required`` field is an error naming it,
+    any other missing field takes its default with one warning naming the values used (never silently).
+    ``skip``: fields the caller fills itself. A section that is not a dict is left to ``build_config``."""
+    if not isinstance(data, dict):
+        return
+    missing = [f for f in dataclasses.fields(cls) if f.name not in data and f.name not in skip]
+    absent = [f.name for f in missing if f.name in required]
+    require(not absent, f"{where} lacks {', '.join(repr(k) for k in absent)} (required: {', '.join(required)})")
+    if missing:
+        names = [f.name for f in missing]
+        warnings.warn(f"{where} does not set {', '.join(names)}: using the defaults {defaults_text(cls, names)}",
+                      UserWarning, stacklevel=3)
+
+
+def defaults_text(cls, names=None) -> str:
+    """``name=default, ...`` of a config dataclass's fields (all, or ``names``), for warnings."""
+    def default(f: dataclasses.Field):
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return list(value) if isinstance(value, tuple) else value
+
+    return ", ".join(f"{f.name}={default(f)}" for f in dataclasses.fields(cls) if names is None or f.name in names)
 
 
 @dataclass

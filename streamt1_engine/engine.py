@@ -22,8 +22,8 @@ from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
 from .errors import EngineBusy, StreamT1Error, require
-from .memory import (DEFAULT_VAE_BYTES_PER_PIXEL, MemoryEstimate, RunShape, available_memory, estimate_memory, gib,
-                     refusal)
+from .memory import (DEFAULT_VAE_BYTES_PER_PIXEL, HeapTrimmer, MemoryEstimate, RunShape, available_memory,
+                     estimate_memory, refusal, size_text)
 from .model.wan import CausalWanDiT
 from .profiling import StageTimer
 from .prompt_schedule import parse_prompt_schedule, split_schedule
@@ -177,6 +177,7 @@ class StreamT1Engine:
         self._scheduler = Scheduler(max_streams, max_queue, kv_pages, max_batch)
         self.kv_pages = kv_pages
         self._lock = threading.RLock()
+        self._trim_heap = HeapTrimmer()  # at chunk boundaries: a long stream's resident size stays flat
         self._wakeup = threading.Condition(self._lock)
         self._handles: dict[str, StreamHandle] = {}  # queued and running, by request id
         self._out_of_memory: dict[str, Callable] = {}
@@ -464,7 +465,8 @@ class StreamT1Engine:
         return pool.scratch_page if pool is not None else None
 
     def _check_prompt(self, prompt) -> None:
-        require(isinstance(prompt, str) and prompt.strip() != "", "prompt is empty")
+        require(isinstance(prompt, str), f"prompt must be a string, got {type(prompt).__name__}")
+        require(prompt.strip() != "", "prompt is empty")
         require_text(prompt, "prompt")
 
     def _wake(self) -> None:
@@ -519,6 +521,7 @@ class StreamT1Engine:
                         self._step([a for a in ready if a.page_key == key], self._pools[key])
                     self._boundary(active)
                     self._turns.forget(a.page_key for a in active.values())
+                    self._trim_heap()
                 else:
                     with self._lock:
                         if not self._closed:
@@ -577,14 +580,15 @@ class StreamT1Engine:
         if room is not None and need * page_bytes > room[0] + freed_first:
             raise StreamT1Error(
                 f"the KV pool for {stream_cfg.latent_height}x{stream_cfg.latent_width} latents would grow to {need} "
-                f"pages ({gib(need * page_bytes)}), more than the {gib(room[0] + freed_first)} {room[1]}; run "
-                "fewer streams at once (max_streams) or a smaller search")
+                f"pages ({size_text(need * page_bytes)}), more than the {size_text(room[0] + freed_first)} {room[1]}; "
+                "run fewer streams at once (max_streams) or a smaller search")
         if pool is None:
             try:
                 blocks = BlockPool.allocate(cfg, need, page_tokens, self.device, self.dtype)
             except torch.OutOfMemoryError:
-                raise StreamT1Error(f"allocating a KV pool of {need} pages ({gib(need * page_bytes)}) ran out of "
-                                    f"memory on {self.device}; run fewer streams at once or a smaller search") from None
+                raise StreamT1Error(f"allocating a KV pool of {need} pages ({size_text(need * page_bytes)}) ran out "
+                                    f"of memory on {self.device}; run fewer streams at once or a smaller search"
+                                    ) from None
             self._pools[key] = _Pool(blocks, blocks.alloc() if scratch else None)
         else:
             pool.graphed = None  # the graphs read the old pool's tensors: captured again

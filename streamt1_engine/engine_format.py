@@ -2,7 +2,9 @@
 configs, component specs, default rewards), ``dit.safetensors`` (original Wan tensor names) and whatever files
 the component specs name (e.g. ``text_encoder.safetensors``).
 
-Reading is strict: an unknown key, a missing section or a wrong value is one line naming the file and the key.
+Reading is strict: an unknown key, a missing section (the sampler's alone may be left out, with a warning
+naming the defaults used), a missing shape or frame-size key or a wrong value is one line naming the file and
+the key; any other key left out takes its default with one warning naming the values used.
 The stream keys of the first format version (``chunk_frames``, ``window_frames``, ...) still convert, with one
 warning (``StreamConfig.from_dict``).
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import SamplerConfig, StreamConfig, WanConfig
+from .config import (REQUIRED_MODEL_KEYS, REQUIRED_STREAM_KEYS, SamplerConfig, StreamConfig, WanConfig,
+                     check_section_keys, defaults_text)
 from .errors import StreamT1Error, require
 from .validation import build_config
 
@@ -83,8 +87,9 @@ def read_engine_spec(directory) -> EngineSpec:
     require(isinstance(data, dict) and data.get("format") == ENGINE_FORMAT, f"{where} is not a {ENGINE_FORMAT} config")
     unknown = sorted(set(data) - set(ENGINE_CONFIG_KEYS))
     require(not unknown, f"{where} has unknown keys {unknown}; known: {list(ENGINE_CONFIG_KEYS)}")
-    for key in ("model", "text_encoder", "vae"):
-        require(key in data, f"{where} lacks the {key!r} section")
+    for key in ("model", "stream", "text_encoder", "vae"):
+        require(key in data, f"{where} lacks the {key!r} section" + (_STREAM_HINT if key == "stream" else ""))
+    _check_sections(data, where)
     version = data.get("version", FORMAT_VERSION)
     require(isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= FORMAT_VERSION,
             f"{where} 'version' must be an integer in [1, {FORMAT_VERSION}], got {version!r} (a newer engine wrote it?)")
@@ -105,12 +110,34 @@ def read_engine_spec(directory) -> EngineSpec:
     require(training is None or isinstance(training, dict), f"{where} 'training' must be an object, got {training!r}")
     return EngineSpec(
         model=build_config(WanConfig, data["model"], f"{where} 'model'"),
-        stream=build_config(StreamConfig, data.get("stream", {}), f"{where} 'stream'", StreamConfig.from_dict),
+        stream=build_config(StreamConfig, data["stream"], f"{where} 'stream'", StreamConfig.from_dict),
         sampler=build_config(SamplerConfig, data.get("sampler", {}), f"{where} 'sampler'"),
         text_encoder=_component(data["text_encoder"], f"{where} 'text_encoder'"),
         vae=_component(data["vae"], f"{where} 'vae'"),
         weights=weights, fps=fps, name=data.get("name"), description=data.get("description"), rewards=rewards,
         training=training, version=version)
+
+
+_STREAM_HINT = (" (the latent frame size and attention layout, e.g. {\"num_frame_per_block\": 3, \"local_attn_size\": 12, "
+                "\"sink_size\": 3, \"max_sink_size\": 15, \"latent_height\": 60, \"latent_width\": 104})")
+# The stream keys of the first format version fill the layout themselves (StreamConfig.from_dict); max_frames is
+# only a cap on a stream's length, so its default needs no warning.
+_LAYOUT_KEYS = ("num_frame_per_block", "local_attn_size", "sink_size", "max_sink_size")
+
+
+def _check_sections(data: dict, where: Path) -> None:
+    """What a section leaves out: the model's shapes and the latent size are errors naming the key, any other
+    field (and a missing sampler section) takes its default with one warning naming the values used."""
+    check_section_keys(WanConfig, data["model"], f"{where} 'model'", required=REQUIRED_MODEL_KEYS)
+    stream = data["stream"]
+    old_keys = isinstance(stream, dict) and any(k in stream for k in StreamConfig.OLD_KEYS)
+    check_section_keys(StreamConfig, stream, f"{where} 'stream'", required=REQUIRED_STREAM_KEYS,
+                       skip=("max_frames", *(_LAYOUT_KEYS if old_keys else ())))
+    if "sampler" in data:
+        check_section_keys(SamplerConfig, data["sampler"], f"{where} 'sampler'")
+    else:
+        warnings.warn(f"{where} has no 'sampler' section: using the default sampler ({defaults_text(SamplerConfig)})",
+                      UserWarning, stacklevel=3)
 
 
 def _replace_atomically(path: Path, write) -> None:

@@ -9,8 +9,10 @@ for the output. Weights are loaded before the check and counted apart.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from .config import WanConfig
 from .errors import require
 
-GIB = 1024 ** 3
+GIB = 1024 ** 3  # kept for callers that size things in GiB
 # Float32 working copies per decoded output value (input planes, intermediates, clamp/convert); a VAE class
 # may override with a ``decode_bytes_per_pixel`` attribute (per output pixel of one frame, all channels).
 DEFAULT_VAE_BYTES_PER_PIXEL = 3 * 4 * 4
@@ -79,13 +81,26 @@ class MemoryEstimate:
         return {**asdict(self), "run": self.run, "total": self.total}
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name.replace('_', ' ')} {gib(getattr(self, name))}"
+        parts = ", ".join(f"{name.replace('_', ' ')} {size_text(getattr(self, name))}"
                           for name in ("kv_pool", "activations", "vae", "rewards", "frames"))
-        return f"{gib(self.run)} ({parts})"
+        return f"{size_text(self.run)} ({parts})"
 
 
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def size_text(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1, so a small size never reads as 0.00 GiB."""
+    if n < 1024:
+        return f"{n} bytes" if n != 1 else "1 byte"
+    value, unit = float(n), "bytes"
+    for unit in _UNITS:
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.2f} {unit}"
+
+
 
 
 def estimate_memory(model: WanConfig, shape: RunShape, weight_bytes: int = 0) -> MemoryEstimate:
@@ -158,6 +173,37 @@ def parse_size(text: str) -> int | None:
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
 
 
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim`` where the C library has it (not musl, macOS or Windows), else None."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+class HeapTrimmer:
+    """Hands the C heap's free pages back to the system at chunk boundaries, so a stream that runs for hours
+    keeps a flat resident size. Live memory is flat over a long stream, but each chunk's temporaries are
+    allocated by the worker and compute threads and freed by others, in per-thread glibc arenas: their free
+    pages stay resident (fragmentation) unless trimmed. ``malloc_trim(0)`` takes about a millisecond at a few
+    hundred MB; it runs at most every ``min_interval_s`` (the first call always), a no-op off glibc."""
+
+    def __init__(self, min_interval_s: float = 0.2):
+        self.min_interval_s = min_interval_s
+        self.trims = 0
+        self._trim = _glibc_malloc_trim()
+        self._last = float("-inf")
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self._trim is not None and now - self._last >= self.min_interval_s:
+            self._last = now
+            self._trim(0)
+            self.trims += 1
+
+
 def largest_fitting(fits, high: int) -> int:
     """The largest n in [1, high] with fits(n) (fits must be monotone), 0 when even 1 does not fit."""
     if not fits(1):
@@ -175,7 +221,7 @@ def refusal(model: WanConfig, shape: RunShape, estimate: MemoryEstimate, limit: 
     def fits(s: RunShape) -> bool:
         return estimate_memory(model, s).run <= limit
 
-    head = f"estimated peak memory {estimate.describe()} exceeds the {gib(limit)} {where}"
+    head = f"estimated peak memory {estimate.describe()} exceeds the {size_text(limit)} {where}"
     tail = "or set a higher --memory-limit" if where == "memory limit" else "or pass --memory-limit to override"
     b, k = shape.children, shape.survivors
     if strategy == "stream_t1":

@@ -106,17 +106,36 @@ def _longlive_entries(line: Mapping, chunk_frames: int | None) -> Schedule:
 def load_prompt_schedule(path, *, num_chunks: int, chunk_frames: int | None = None, line: int = 0) -> Schedule:
     """A schedule from a file: one JSON value, or a JSONL file with one LongLive line per video (``line``
     picks one, counting non-empty lines from 0)."""
+    return parse_prompt_schedule(read_prompt_schedule(path, line), num_chunks=num_chunks, chunk_frames=chunk_frames)
+
+
+def read_prompt_schedule(path, line: int = 0):
+    """The JSON value of a schedule file (its ``line``-th non-empty line for a JSONL file), not yet checked
+    against a stream: read before a model loads, so a missing file or line fails before any work. A ``line``
+    the file does not have is an error, never the first line instead."""
+    require(isinstance(line, int) and not isinstance(line, bool) and line >= 0,
+            f"prompt schedule line must be a non-negative integer, got {line!r}")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise StreamT1Error(f"cannot read prompt schedule {path}: {exc}") from None
+    lines = [x for x in text.splitlines() if x.strip()]
     try:
-        return parse_prompt_schedule(json.loads(text), num_chunks=num_chunks, chunk_frames=chunk_frames)
+        whole = json.loads(text)
     except json.JSONDecodeError:
         pass
-    lines = [x for x in text.splitlines() if x.strip()]
-    require(0 <= line < len(lines), f"prompt schedule {path} has {len(lines)} lines, no line {line}")
-    return parse_prompt_schedule(lines[line], num_chunks=num_chunks, chunk_frames=chunk_frames)
+    else:
+        if line == 0:
+            return whole
+        require(len(lines) != 1, f"prompt schedule {path} has 1 line, no line {line}")
+        raise StreamT1Error(f"prompt schedule {path} is one JSON value over {len(lines)} lines, not one schedule "
+                            f"per line: no line {line} to pick")
+    require(line < len(lines), f"prompt schedule {path} has {len(lines)} line{'s' if len(lines) != 1 else ''}, "
+                               f"no line {line}")
+    try:
+        return json.loads(lines[line])
+    except json.JSONDecodeError as exc:
+        raise StreamT1Error(f"prompt schedule {path} line {line} is not valid JSON: {exc}") from None
 
 
 def split_schedule(schedule: Schedule, prompt: str | None = None) -> tuple[str, Schedule]:

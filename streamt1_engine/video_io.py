@@ -1,12 +1,15 @@
 """Writing and reading videos (MP4 through PyAV) and frame strips (PNG through Pillow).
 
-Every write goes to a temporary file in the target's folder and is renamed over the target at the end,
-so an interrupted run never leaves a truncated file under the requested name.
+A whole file (``write_mp4``, ``write_json``, a strip) goes to a temporary file in the target's folder and is
+renamed over the target at the end, so it never appears half written. A video written as a stream goes
+(``Mp4StreamWriter``) is a fragmented MP4 under its own name from the first chunk on, playable at any moment.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import uuid
 from contextlib import contextmanager
 from fractions import Fraction
@@ -89,11 +92,36 @@ def write_mp4(path: str | Path, frames, fps: float = 16, crf: int = 18, codec: s
     return Path(path)
 
 
+# Fragmented MP4 (a header, then one moof+mdat fragment per keyframe run): each fragment plays once it is on disk.
+_FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+
+
+def _boxes(data, start: int = 0, end: int | None = None):
+    """(type, offset, size, header size) of the ISO-BMFF boxes in ``data[start:end]``."""
+    end = len(data) if end is None else end
+    while start < end:
+        size, kind = struct.unpack_from(">I4s", data, start)
+        header = 8
+        if size == 1:
+            size, header = struct.unpack_from(">Q", data, start + 8)[0], 16
+        elif size == 0:
+            size = end - start
+        require(size >= header and start + size <= end, "the encoder wrote a malformed MP4 box")
+        yield kind.decode("latin-1"), start, size, header
+        start += size
+
+
 class Mp4StreamWriter:
-    """An MP4 written chunk by chunk as a stream goes: ``append`` encodes frames right away (an encoder kept
-    open on a hidden temporary file next to ``path``), ``close`` flushes it and renames it onto ``path``, so
-    whatever was appended becomes a playable video; ``abort`` removes the temporary file. Frames are
-    uint8 [T, H, W, 3]; every chunk must have the first one's size."""
+    """An MP4 written chunk by chunk as a stream goes, straight under ``path`` and fragmented: ``append``
+    encodes the chunk as fragments of their own (the chunk starts with a keyframe) and writes them out before
+    it returns, so the file is a playable video of every appended chunk at any moment, even after the process
+    is killed without warning (SIGKILL, OOM killer). ``close`` ends it; ``abort`` removes it. The file exists
+    from the first ``append`` on; whether the run behind it finished is for its run record to say. Frames are
+    uint8 [T, H, W, 3]; every chunk must have the first one's size.
+
+    Each chunk is encoded by an encoder of its own into a fragmented MP4 in memory; its fragments are appended
+    to the file with their sequence numbers and decode times moved to follow the chunks before (the header,
+    identical for every chunk, is written once)."""
 
     def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, codec: str | None = None):
         import av
@@ -106,58 +134,100 @@ class Mp4StreamWriter:
         require(self.codec in ("libx264", "mpeg4"), f"unsupported codec {self.codec!r} (use libx264 or mpeg4)")
         require(self.codec in av.codecs_available, f"codec {self.codec} is not available in this PyAV build")
         self.crf = crf
-        self.temporary = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
         self.frames_written = 0
         self.size: tuple[int, int] | None = None
-        self._container = self._stream = None
+        self._file = None
+        self._header: bytes | None = None
+        self._sequence = 1
 
-    def _open(self, height: int, width: int) -> None:
+    def _encode(self, frames: np.ndarray) -> tuple[bytearray, Fraction]:
+        """One chunk as a fragmented MP4 of its own (timestamps from 0) and its track's time base."""
         import av
 
-        self._container = av.open(str(self.temporary), mode="w", format="mp4")
-        stream = self._container.add_stream(self.codec, rate=self.rate)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        if self.codec == "libx264":
-            stream.options = {"crf": str(self.crf)}
-        else:
-            stream.bit_rate = int(height * width * float(self.rate) * 2)
-        self._stream = stream
+        buffer = io.BytesIO()
+        with av.open(buffer, mode="w", format="mp4", options=_FRAGMENTED) as container:
+            stream = container.add_stream(self.codec, rate=self.rate)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            if self.codec == "libx264":
+                stream.options = {"crf": str(self.crf), "bf": "0"}  # no reordering: decode order is frame order
+            else:
+                stream.bit_rate = int(frames.shape[1] * frames.shape[2] * float(self.rate) * 2)
+            for index, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = index
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+            time_base = stream.time_base
+        return bytearray(buffer.getvalue()), Fraction(time_base)
+
+    def _fragments(self, data: bytearray, start_time: int) -> bytes:
+        """The chunk's moof+mdat pairs, renumbered after the fragments already written and shifted by
+        ``start_time`` (track ticks); with the header first, for the first chunk."""
+        header, out = [], []
+        for kind, offset, size, head in _boxes(data):
+            if kind in ("ftyp", "moov"):
+                header.append(bytes(data[offset:offset + size]))
+            elif kind == "moof":
+                for inner, at, inner_size, inner_head in _boxes(data, offset + head, offset + size):
+                    if inner == "mfhd":
+                        struct.pack_into(">I", data, at + inner_head + 4, self._sequence)
+                        self._sequence += 1
+                    elif inner == "traf":
+                        self._shift_decode_time(data, at + inner_head, at + inner_size, start_time)
+                out.append(bytes(data[offset:offset + size]))
+            elif kind == "mdat":
+                out.append(bytes(data[offset:offset + size]))
+        header_bytes = b"".join(header)
+        require(len(header) == 2 and out, "the encoder wrote an MP4 without a header or fragments")
+        if self._header is None:
+            self._header = header_bytes
+            out.insert(0, header_bytes)
+        require(header_bytes == self._header, "the encoder changed the video's parameters between chunks")
+        return b"".join(out)
+
+    @staticmethod
+    def _shift_decode_time(data: bytearray, start: int, end: int, ticks: int) -> None:
+        for kind, offset, _, head in _boxes(data, start, end):
+            if kind == "tfdt":
+                fmt = ">Q" if data[offset + head] == 1 else ">I"  # version 1: 64-bit decode time
+                struct.pack_into(fmt, data, offset + head + 4, struct.unpack_from(fmt, data, offset + head + 4)[0]
+                                 + ticks)
 
     def append(self, frames) -> None:
-        import av
-
         frames = _pad_to_even(_check_uint8_frames(frames))
         size = (frames.shape[1], frames.shape[2])
-        if self._container is None:
+        if self.size is None:
             self.size = size
-            self._open(*size)
         require(size == self.size, f"chunk frames are {size[0]}x{size[1]}, the video is {self.size[0]}x{self.size[1]}")
-        for image in frames:
-            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        data, time_base = self._encode(frames)
+        fragments = self._fragments(data, round(Fraction(self.frames_written) / self.rate / time_base))
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        self._file.write(fragments)
+        self._file.flush()  # on disk (the page cache) before append returns: a kill keeps this chunk
         self.frames_written += frames.shape[0]
 
     def close(self) -> Path:
-        """Finish the video and move it onto ``path``; an error removes the temporary file and re-raises."""
-        require(self._container is not None, f"no frames were written to {self.path}")
+        """Finish the video; an error removes the file and re-raises."""
+        require(self._file is not None, f"no frames were written to {self.path}")
         try:
-            self._container.mux(self._stream.encode(None))
-            self._container.close()
-            self._container = None
-            os.replace(self.temporary, self.path)
+            self._file.close()
+            self._file = None
         except BaseException:
             self.abort()
             raise
         return self.path
 
     def abort(self) -> None:
-        if self._container is not None:
-            container, self._container = self._container, None
+        """Remove what was written (nothing is there before the first ``append``)."""
+        if self._file is not None:
+            file, self._file = self._file, None
             try:
-                container.close()
-            except Exception:  # the file is removed anyway
+                file.close()
+            except OSError:  # the file is removed anyway
                 pass
-        self.temporary.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data) -> Path:

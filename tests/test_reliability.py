@@ -171,7 +171,7 @@ def test_streaming_writer_appends_chunks_and_aborts_cleanly(tmp_path):
     writer = Mp4StreamWriter(tmp_path / "v.mp4", fps=8)
     for _ in range(3):
         writer.append(frames)
-    assert not (tmp_path / "v.mp4").exists()  # only the finished video appears under its name
+    assert read_video(tmp_path / "v.mp4").shape[0] == 9  # fragmented: playable before it is closed
     writer.close()
     assert read_video(tmp_path / "v.mp4").shape == (9, 16, 24, 3)
     assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
@@ -217,13 +217,17 @@ def test_record_is_rewritten_after_every_chunk(tmp_path, monkeypatch):
     seen = []
 
     def spy(path, data):
-        seen.append((data["status"], len(data["chunks"])))
+        seen.append((data["status"], len(data["chunks"]), data["final_chunks"], data["num_frames"]))
         return write_json(path, data)
 
     monkeypatch.setattr(video_io, "write_json", spy)
     out = tmp_path / "x.mp4"
     assert main(["generate", PROMPT, "-o", str(out), "--model", "random-tiny", "--chunks", "3", "--no-progress"]) == 0
-    assert seen == [("running", 1), ("running", 2), ("running", 3), ("complete", 3)]
+    # after every search step and after every chunk appended to the video (1, 2, 3 final chunks): the record
+    # always says what the video holds
+    assert [s[0] for s in seen] == ["running"] * (len(seen) - 1) + ["complete"]
+    assert {1, 2, 3} <= {s[2] for s in seen}
+    assert seen[-1] == ("complete", 3, 3, 9) and all(s[3] == 3 * s[2] for s in seen)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["memory_estimate"]["run"] > 0 and record["status"] == "complete"
 
@@ -276,7 +280,7 @@ def test_memory_limit_from_the_cli(tmp_path, capsys, no_generation):
     args = ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--model", "random-tiny", "--search", "stream_t1",
             "--beam-size", "64", "--top-k", "64", "--noise-mode", "portable"]
     assert main(args + ["--memory-limit", "100M"]) == 2
-    assert re.search(r"estimated peak memory .* exceeds the 0.10 GiB memory limit; at most --(top-k|beam-size) \d+ fits",
+    assert re.search(r"estimated peak memory .* exceeds the 100.00 MiB memory limit; at most --(top-k|beam-size) \d+ fits",
                      one_line(capsys.readouterr().err))
 
 

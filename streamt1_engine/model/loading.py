@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import WanConfig
+from ..config import REQUIRED_MODEL_KEYS, WanConfig, check_section_keys
 from ..errors import StreamT1Error, require
 from ..hub import looks_local, resolve_model_dir
 from ..validation import build_config
@@ -247,8 +247,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     require(path.is_file(), f"no such file: {path}")
     try:
         return load_file(str(path))
-    except Exception as exc:
-        raise StreamT1Error(f"cannot read safetensors file {path}: {exc}") from None
+    except Exception as exc:  # safetensors' own error type, or an OSError
+        raise StreamT1Error(f"cannot read {path} as safetensors (is it a .safetensors file?): "
+                            f"{' '.join(str(exc).split())}") from None
 
 
 def read_torch(path: str | Path):
@@ -347,6 +348,7 @@ def read_checkpoint(path: str | Path, fmt: str = "auto", use_ema: bool = True):
     if config_file is not None:
         config_json = _read_json(config_file)
         if config_file.name == STREAMT1_CONFIG:
+            check_section_keys(WanConfig, config_json, str(config_file), required=REQUIRED_MODEL_KEYS)
             config, naming = build_config(WanConfig, config_json, str(config_file)), "streamt1"
         else:
             config, naming = _config_from_json(config_json, config_file)
@@ -427,6 +429,19 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) 
         got = tuple(state[name].shape)
         require(got == tuple(tensor.shape), f"{what}: shape mismatch for '{name}': checkpoint has {got}, "
                                             f"the model expects {tuple(tensor.shape)}")
+    check_float_weights(expected, state, what)
+
+
+def check_float_weights(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Floating-point weights stored as integers (or bools) are refused, never cast: the cast would load them
+    without a word, and integer weights are a quantized or corrupt file, not values the model was trained with."""
+    bad = [f"{name} ({str(state[name].dtype).removeprefix('torch.')})" for name, tensor in expected.items()
+           if name in state and tensor.is_floating_point() and not state[name].is_floating_point()]
+    if bad:
+        shown = ", ".join(bad[:MAX_LISTED_KEYS]) + (", ..." if len(bad) > MAX_LISTED_KEYS else "")
+        raise StreamT1Error(f"{what} stores {len(bad)} floating-point weight{'s' if len(bad) != 1 else ''} as "
+                            f"integers ({shown}); refusing to cast them (a quantized or corrupt file?): save them as "
+                            "float32, float16 or bfloat16")
 
 
 def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:

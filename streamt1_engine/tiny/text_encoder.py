@@ -72,7 +72,7 @@ def load_tiny_text_encoder(spec: dict, base_dir: str | os.PathLike | None = None
                            dtype=torch.float32) -> TinyTextEncoder:
     """Build from a ``text_encoder`` config entry: architecture keys plus ``weights`` (a safetensors file
     relative to ``base_dir``; without it the encoder keeps its random initialisation)."""
-    from safetensors.torch import load_file
+    from ..model.loading import check_float_weights, read_safetensors
 
     arch = {k: spec[k] for k in ("text_dim", "text_len", "num_layers", "num_heads", "ffn_dim") if k in spec}
     if "vocabulary" in spec:
@@ -85,7 +85,8 @@ def load_tiny_text_encoder(spec: dict, base_dir: str | os.PathLike | None = None
     if weights:
         path = os.path.join(os.fspath(base_dir or "."), weights)
         require(os.path.isfile(path), f"tiny text encoder weights not found: {path}")
-        state = load_file(path)
+        state = read_safetensors(path)  # a file of another kind is one line, not safetensors' traceback
+        check_float_weights(encoder.state_dict(), state, f"tiny text encoder weights {path}")
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         require(not missing and not unexpected,
                 f"tiny text encoder weights do not match the config (missing {sorted(missing)[:3]}, "
