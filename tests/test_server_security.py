@@ -101,7 +101,8 @@ def test_policy_rules():
     loop = AccessPolicy(bind_host="127.0.0.1", bind_port=8000)
     for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST:8000", "[::1]:8000"):
         assert loop.host_allowed(host, "http"), host
-    for host in ("127.0.0.1:8001", "evil.example:8000", "localhost", "", "127.0.0.1:x", "192.168.1.5:8000"):
+    for host in ("127.0.0.1:8001", "evil.example:8000", "localhost", "", "127.0.0.1:x", "192.168.1.5:8000",
+                 "local host:8000", "localhost:8000/x"):
         assert not loop.host_allowed(host, "http"), host
     assert AccessPolicy(bind_host="127.0.0.1", bind_port=80).host_allowed("localhost", "http")
     listed = AccessPolicy(bind_host="127.0.0.1", bind_port=8000, allowed_hosts=("box.lan", "other.lan:9000"))
@@ -123,7 +124,7 @@ def test_policy_rules():
     assert AccessPolicy(allowed_origins=("http://app.example/",)).origin_allowed("http://APP.example:80", own, "ws")
     assert AccessPolicy(allowed_origins="*").origin_allowed("http://anything.example", own, "ws")
 
-    for bad in (dict(allowed_origins=("ftp://x",)), dict(allowed_hosts=("box.lan:99999",)), dict(api_key=""),
+    for bad in (dict(allowed_origins=("ftp://x",)), dict(allowed_hosts=("box.lan:99999",)), dict(allowed_hosts=("a b",)), dict(api_key=""),
                 dict(api_key=" padded "), dict(bind_port=99999), dict(allowed_hosts=(3,))):
         with pytest.raises(StreamT1Error):
             AccessPolicy(**bad)
@@ -221,6 +222,7 @@ def test_serve_warns_when_exposed_without_a_key_and_refuses_bad_options(tmp_path
     assert main(["serve", "--allowed-origins", "ftp://nowhere", "--port", "1"]) == 2
     assert main(["serve", "--port", "99999"]) == 2
     assert main(["serve", "--api-key", " spaced ", "--port", "1"]) == 2
+    assert main(["serve", "--allowed-hosts", "a b", "--port", "1"]) == 2
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "STREAMT1_API_KEY": ""}

@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +40,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 OPEN_PATHS = frozenset({"/health"})  # answered without the token: a load balancer's probe has none
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
 def _split_host(value: str) -> tuple[str, int | None] | None:
@@ -55,6 +57,8 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
         name, _, port_text = value.partition(":")
         port_text = port_text if ":" in value else None
     name = name.rstrip(".")
+    if not (_HOST_NAME.fullmatch(name) or _is_ip(name)):
+        return None
     if port_text is None:
         return name, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
