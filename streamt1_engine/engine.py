@@ -35,6 +35,7 @@ from .search.executor import batch_bucket, run_batched
 from .streams import StreamHandle, StreamRequest, _Progress
 
 MAX_CHUNKS = 100_000
+MAX_FRAME_SIDE = 16384  # pixels: beyond every model's training sizes and any device's memory
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "sdpa", "flash_attn", "xformers")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -261,6 +262,9 @@ class StreamT1Engine:
             width = width if width is not None else lw * factor
             require(isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0,
                     "height and width must be positive integers")
+            # before any estimate: a request's number may be too large even for the arithmetic of one
+            require(height <= MAX_FRAME_SIDE and width <= MAX_FRAME_SIDE,
+                    f"height and width must be at most {MAX_FRAME_SIDE} pixels")
             require(height % (factor * ph) == 0 and width % (factor * pw) == 0,
                     f"frame size {height}x{width} must be divisible by {factor * ph}x{factor * pw} "
                     f"(VAE factor {factor} x patch {ph}x{pw})")

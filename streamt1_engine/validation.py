@@ -33,7 +33,7 @@ class Range:
                 wanted = f"<= {self.high}"
             else:
                 wanted = f"in [{self.low}, {self.high}]"
-            raise StreamT1Error(f"{where} must be {wanted}, got {value!r}")
+            raise StreamT1Error(f"{where} must be {wanted}, got {_short(value)}")
 
 
 def at_least(low) -> Range:
@@ -85,8 +85,12 @@ def _convert(where: str, tp, value):
     if tp is float:
         require(isinstance(value, (int, float)) and not isinstance(value, bool),
                 f"{where} must be a number, got {value!r}")
-        require(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        require(math.isfinite(number), f"{where} must be a finite number, got {_short(value)}")
+        return number
     if tp is str:
         require(isinstance(value, str), f"{where} must be a string, got {value!r}")
         return value
@@ -98,6 +102,12 @@ def _convert(where: str, tp, value):
         require(len(value) == len(args), f"{where} must have {len(args)} entries, got {value!r}")
         return tuple(_convert(f"{where}[{i}]", t, v) for i, (t, v) in enumerate(zip(args, value)))
     return value
+
+
+def _short(value) -> str:
+    """``repr`` cut short: a refusal stays one readable line whatever number it refuses."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 def validate_fields(obj, rules: dict | None = None) -> None:

@@ -22,6 +22,7 @@ from streamt1_engine import StreamT1Engine  # noqa: E402
 from streamt1_engine.search.beam_search import BeamSearch  # noqa: E402
 from streamt1_engine.serving.app import create_app  # noqa: E402
 from streamt1_engine.serving.limits import ServerLimits  # noqa: E402
+from streamt1_engine.serving.security import AccessPolicy  # noqa: E402
 
 from server_helpers import LoopbackServer  # noqa: E402
 
@@ -115,11 +116,18 @@ def test_page_renders_the_form_and_the_stream_path(engine):
     assert "{{" not in page.text
 
 
-def test_page_plays_a_stream_in_headless_chromium(engine, browser, tmp_path):
-    app = create_app(engine, ServerLimits(max_streams=2))
+KEY = "page-Token_7"
+
+
+@pytest.mark.parametrize("api_key", [None, KEY], ids=["open", "with-api-key"])
+def test_page_plays_a_stream_in_headless_chromium(engine, browser, tmp_path, api_key):
+    # with a key the page is opened at /?token=KEY and passes it on to its WebSocket (a browser sets no header)
+    app = create_app(engine, ServerLimits(max_streams=2), access=AccessPolicy(api_key=api_key))
     with LoopbackServer(app) as server:
+        if api_key is not None:
+            assert httpx.get(server.url + "/").status_code == 401
         browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
-        browser.call("Page.navigate", url=server.url + "/")
+        browser.call("Page.navigate", url=server.url + "/" + (f"?token={api_key}" if api_key else ""))
         assert browser.wait_for("document.readyState === 'complete' && !!document.getElementById('start')", 20)
         browser.evaluate("""(() => {
             document.getElementById('prompt').value = 'a red circle moving right on a blue background';

@@ -25,6 +25,13 @@ _REWARDED = ("num_candidates", "window_chunks", "fusion_cap", "reward_pruning", 
 _IGNORED = {"none": _STREAM_T1_ONLY + _REWARDED, "best_of_n": _STREAM_T1_ONLY, "stream_t1": ("num_candidates",)}
 
 
+def search_shape(strategy: str, beam_size: int, top_k: int, num_candidates: int) -> tuple[int, int]:
+    """(children per surviving beam, surviving beams) of a search, its candidates per chunk being their product;
+    plain arithmetic, so a server can hold a request's numbers against its limits before building a config."""
+    children = {"none": 1, "best_of_n": num_candidates, "stream_t1": beam_size}[strategy]
+    return children, (top_k if strategy == "stream_t1" else 1)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """``none``: plain streaming (one candidate). ``best_of_n``: per chunk keep the best of ``num_candidates``
@@ -70,10 +77,11 @@ class SearchConfig:
         require(self.strategy in STRATEGIES, f"unknown search strategy {self.strategy!r}; choose one of {STRATEGIES}")
         if self.noise_mode == "official":
             clash = upstream_seed_collision(self.children_per_beam, self.survivors, self.first_chunk_candidates)
+            keep = "num_candidates <= 1001" if self.strategy == "best_of_n" else "top_k <= 10 and beam_size <= 100"
             require(clash is None,
                     f"noise_mode='official' numbers seeds as the reference code does (seed + 1000*chunk + "
                     f"100*beam + i), which gives two candidates the same seed and noise here ({clash}); keep "
-                    f"top_k <= 10 and beam_size <= 100, or use noise_mode='portable'")
+                    f"{keep}, or use noise_mode='portable'")
 
     @classmethod
     def named(cls, strategy: str, **overrides) -> "SearchConfig":
@@ -82,11 +90,11 @@ class SearchConfig:
     # effective shape of the search, per strategy
     @property
     def children_per_beam(self) -> int:
-        return {"none": 1, "best_of_n": self.num_candidates, "stream_t1": self.beam_size}[self.strategy]
+        return search_shape(self.strategy, self.beam_size, self.top_k, self.num_candidates)[0]
 
     @property
     def survivors(self) -> int:
-        return self.top_k if self.strategy == "stream_t1" else 1
+        return search_shape(self.strategy, self.beam_size, self.top_k, self.num_candidates)[1]
 
     @property
     def first_chunk_candidates(self) -> int:

@@ -75,23 +75,29 @@ def upstream_seeds(seed: int, chunk_index: int, beam_last_seeds: list[int], chil
 def upstream_seed_collision(children_per_beam: int, beams: int, first_chunk_candidates: int) -> str | None:
     """Where upstream's numbering gives two different candidates the same seed (so the same noise), or None.
 
-    Offsets from ``seed``: chunk 0 uses ``0 .. first-1``, chunk c >= 1 uses ``1000*c + 100*beam + i``. With
-    more than 10 beams a beam reaches into the next chunk's offsets; with more than 101 children per beam a
-    child reaches into the next beam's."""
-    owner: dict[int, tuple[int, int]] = {}
-    for k in range(beams):
-        for i in range(1, children_per_beam):
-            offset = BEAM_STRIDE * k + i
-            if offset in owner:
-                k2, i2 = owner[offset]
-                return f"beam {k} child {i} and beam {k2} child {i2} of one chunk"
-            owner[offset] = (k, i)
-    for offset, (k, i) in owner.items():
-        if offset - CHUNK_STRIDE in owner:
-            k2, i2 = owner[offset - CHUNK_STRIDE]
-            return f"beam {k} child {i} of chunk c and beam {k2} child {i2} of chunk c+1"
-    if owner and min(owner) + CHUNK_STRIDE < first_chunk_candidates:
-        return f"candidate {min(owner) + CHUNK_STRIDE} of chunk 0 and a child of chunk 1"
+    Offsets from ``seed``: chunk 0 uses ``0 .. first-1``, chunk c >= 1 gives beam ``k``'s child ``i >= 1``
+    the offset ``1000*c + 100*k + i`` (child 0 reuses its beam's seed). Decided by arithmetic on that formula,
+    in constant time whatever the numbers (they may be a request's, not yet checked against any limit):
+
+    - within one chunk, beam k's children ``1 .. B-1`` reach beam k+1's first offset ``100*(k+1) + 1`` when
+      ``B - 1 >= 101``; with two beams or more the first clash is beam 1 child 1 and beam 0 child 101;
+    - across chunks, offset ``o`` of chunk c is offset ``o - 1000`` of chunk c+1. With one beam the
+      children fill ``1 .. B-1``, so child 1001 meets child 1 when ``B >= 1002``. With several beams (and no
+      clash inside a chunk, so ``B <= 101`` and beam k holds exactly ``100*k + 1 .. 100*k + B-1``), beam k
+      meets beam k-10 child for child: the first clash is beam 10 child 1, when there are 11 beams or more;
+    - chunk 0's candidates ``0 .. first-1`` reach chunk 1's first child offset ``1001`` when ``first > 1001``."""
+    if children_per_beam < 2:  # no child numbered i >= 1: every later candidate reuses its beam's seed
+        return None
+    last_child = children_per_beam - 1
+    if beams >= 2 and last_child >= BEAM_STRIDE + 1:
+        return f"beam 1 child 1 and beam 0 child {BEAM_STRIDE + 1} of one chunk"
+    if beams == 1 and last_child >= CHUNK_STRIDE + 1:
+        return f"beam 0 child {CHUNK_STRIDE + 1} of chunk c and beam 0 child 1 of chunk c+1"
+    reach = CHUNK_STRIDE // BEAM_STRIDE  # beams apart whose offsets are one chunk apart
+    if beams >= reach + 1:
+        return f"beam {reach} child 1 of chunk c and beam 0 child 1 of chunk c+1"
+    if CHUNK_STRIDE + 1 < first_chunk_candidates:
+        return f"candidate {CHUNK_STRIDE + 1} of chunk 0 and a child of chunk 1"
     return None
 
 

@@ -4,7 +4,8 @@ Routes: ``GET /`` the player page, ``GET /health``, ``GET /metrics`` (Prometheus
 (the finished MP4 and run record), ``WS /v1/stream`` (each final chunk as it is made). Every refusal is one
 JSON line ``{"error": ..., "status": ...}``: 400 a body that is not JSON, 413 a body over the size limit,
 422 a field the engine's checks (or the server's chunk/candidate limits) refuse, 429 the server's stream
-limit reached, 503 the engine's queue full."""
+limit reached, 503 the engine's queue full; before any route, 400 a Host that does not name the server, 403 a
+page of a foreign Origin, 401 a missing or wrong API key (``security``)."""
 from __future__ import annotations
 
 import asyncio
@@ -27,18 +28,24 @@ from .page import page_html
 from .refusals import ERROR_RESPONSES, ApiError, classify, outcome_of, validation_message
 from .relay import ChunkRelay
 from .schemas import GenerateRequest, GenerateResponse, StopStream, SwitchPrompt
+from .security import AccessGuard, AccessPolicy
 from .websocket import refuse, serve_stream
 
 log = logging.getLogger("streamt1.serve")
 STREAM_PATH = "/v1/stream"
 GENERATE_PATH = "/v1/generate"
+
+
 def create_app(engine, limits: ServerLimits | None = None, *, submit_options: dict | None = None,
-               instance: str | None = None, close_engine: bool = False) -> FastAPI:
+               instance: str | None = None, close_engine: bool = False,
+               access: AccessPolicy | None = None) -> FastAPI:
     """``submit_options``: passed to every ``engine.submit`` (the rewards: ``short_reward``, ``long_reward``,
     ``final_reward``; chosen by whoever starts the server, since a reward name can load a checkpoint).
     ``instance``: a name /health and the run records report (e.g. the Ray replica). ``close_engine``: close
-    it when the app shuts down."""
+    it when the app shuts down. ``access``: which Host, Origin and token a request must bring (``security``;
+    default: loopback names or IP addresses, the server's own origin, no token)."""
     limits = limits or ServerLimits()
+    access = access if access is not None else AccessPolicy()
     submit_options = dict(submit_options or {})
     metrics = ServerMetrics()
     slots = StreamSlots(limits.max_streams)
@@ -59,7 +66,11 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
         "SwitchPrompt or StopStream. A refusal is an `error` message, then a close with code 4000 + HTTP status."))
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes,
                        on_reject=lambda scope: metrics.request("http", "invalid"))
+    # outermost (added last): no route, body parsing or size check runs for a request the policy refuses
+    app.add_middleware(AccessGuard, policy=access, on_refuse=lambda scope: metrics.request(
+        "websocket" if scope["type"] == "websocket" else "http", "forbidden"))
     app.state.engine, app.state.limits, app.state.metrics, app.state.slots = engine, limits, metrics, slots
+    app.state.access = access
 
     def error_response(request: Request, err: ApiError) -> JSONResponse:
         if request.url.path.startswith("/v1/") and not err.counted:
@@ -87,11 +98,18 @@ def create_app(engine, limits: ServerLimits | None = None, *, submit_options: di
     async def in_worker(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
 
+    def checked_search(req: GenerateRequest):
+        """The request's numbers against the limits first, then its SearchConfig (whose own checks are bounded
+        too); run in a worker, so that no check, however slow, holds the event loop."""
+        limits.check_requested(req.num_chunks, req.search_options())
+        search = req.search_config()
+        limits.check(req.num_chunks, search)
+        return search
+
     async def start(req: GenerateRequest):
         """Checks, a slot, then ``engine.submit``; any refusal raises ApiError (the slot is given back)."""
         try:
-            search = req.search_config()
-            limits.check(req.num_chunks, search)
+            search = await in_worker(checked_search, req)
             slots.take()
         except Exception as exc:
             raise classify(exc) from None

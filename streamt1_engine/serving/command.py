@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
+import sys
+
+from .security import API_KEY_ENV
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -35,8 +40,41 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--short-reward", default=None, help="short-term reward of every request (default: the model's)")
     p.add_argument("--long-reward", default=None, help="long-term reward of every request")
     p.add_argument("--final-reward", default=None, help="final-pick reward of every request")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST...]",
+                   help="Host names besides the server's own that requests may name (name or name:port; '*': "
+                        "any); bound to loopback the own names are localhost, 127.0.0.1 and [::1] on --port, bound "
+                        "to 0.0.0.0 the loopback names, this machine's name and any IP address (DNS-rebinding "
+                        "protection)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
+                   help="origins (scheme://host[:port], '*': any) besides the server's own whose web pages may "
+                        "use it; a request with any other Origin header is refused")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this token on every route but /health (Authorization: Bearer KEY, or ?token=KEY "
+                        f"for the WebSocket and the page); default ${API_KEY_ENV}, which keeps it off the "
+                        "command line")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def access_policy(args):
+    """The serve command's AccessPolicy (checked, like the limits, before the model loads)."""
+    from .security import AccessPolicy
+
+    return AccessPolicy.from_environment(bind_host=args.host, bind_port=args.port, allowed_hosts=args.allowed_hosts,
+                                         allowed_origins=args.allowed_origins, api_key=args.api_key)
+
+
+class RedactTokens(logging.Filter):
+    """Uvicorn logs each request's path with its query string: the ``token`` a browser passes is masked."""
+
+    _token = re.compile(r"([?&]token=)[^&\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._token.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self._token.sub(r"\1***", record.msg)
+        return True
 
 
 def engine_options(args) -> dict:
@@ -73,11 +111,24 @@ def serve(args) -> int:
     from ..engine import StreamT1Engine
     from .app import create_app
 
+    from .security import exposure_warning
+
     limits = server_limits(args)  # checked before the model loads
+    access = access_policy(args)
     torch.set_num_threads(args.threads or default_threads())
     engine = StreamT1Engine.from_pretrained(args.model, **engine_options(args))
-    app = create_app(engine, limits, submit_options=reward_options(args), close_engine=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, 
-                # above the limit, so that the app's own check answers an oversized message with a clear error
-                ws_max_size=4 * limits.max_body_bytes)
-    return 0
+    app = create_app(engine, limits, submit_options=reward_options(args), close_engine=True, access=access)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            # above the limit, so that the app's own check answers an oversized message clearly
+                            ws_max_size=4 * limits.max_body_bytes)
+    for name in ("uvicorn.access", "uvicorn.error"):  # after the Config, which sets up uvicorn's logging
+        logging.getLogger(name).addFilter(RedactTokens())
+    warning = exposure_warning(access, args.host, args.port)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 1  # not started: uvicorn has logged why (e.g. the port is taken)

@@ -4,11 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import StreamT1Error, require
-from ..search.config import SearchConfig
+from ..search.config import STRATEGIES, SearchConfig, search_shape
 from ..validation import at_least, validate_fields
 
 _RULES = {"max_streams": at_least(1), "max_chunks": at_least(1), "max_candidates": at_least(1),
           "max_body_bytes": at_least(256), "buffered_chunks": at_least(1)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class LimitExceeded(StreamT1Error):
@@ -36,13 +40,29 @@ class ServerLimits:
     def __post_init__(self):
         validate_fields(self, _RULES)
 
+    def check_requested(self, num_chunks, search_options: dict) -> None:
+        """The request's own numbers against the limits, before any config is built from them (so that no
+        check does work in proportion to a number this server would refuse). Values of a wrong type or an
+        unknown strategy are left to the engine's checks, which answer them in one line."""
+        if _is_int(num_chunks) and num_chunks > self.max_chunks:
+            raise LimitExceeded(f"num_chunks {num_chunks} is above this server's limit of {self.max_chunks}", 422)
+        defaults = SearchConfig.__dataclass_fields__
+        shape = {k: search_options.get(k, defaults[k].default) for k in ("strategy", "beam_size", "top_k",
+                                                                        "num_candidates")}
+        if shape["strategy"] not in STRATEGIES or not all(_is_int(shape[k]) for k in shape if k != "strategy"):
+            return
+        children, survivors = search_shape(**shape)
+        self._check_candidates(shape["strategy"], children * survivors)
+
     def check(self, num_chunks, search: SearchConfig) -> None:
         """Chunks and candidates within the limits (types and ranges are the engine's checks)."""
         if isinstance(num_chunks, int) and num_chunks > self.max_chunks:
             raise LimitExceeded(f"num_chunks {num_chunks} is above this server's limit of {self.max_chunks}", 422)
-        candidates = search.first_chunk_candidates
+        self._check_candidates(search.strategy, search.first_chunk_candidates)
+
+    def _check_candidates(self, strategy: str, candidates: int) -> None:
         if candidates > self.max_candidates:
-            raise LimitExceeded(f"search {search.strategy!r} asks for {candidates} candidates per chunk, above this "
+            raise LimitExceeded(f"search {strategy!r} asks for {candidates} candidates per chunk, above this "
                                 f"server's limit of {self.max_candidates}", 422)
 
     def check_size(self, size: int) -> None:

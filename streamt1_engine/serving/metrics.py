@@ -6,7 +6,7 @@ import threading
 import time
 from collections import Counter, deque
 
-OUTCOMES = ("finished", "stopped", "disconnected", "invalid", "rejected", "failed")
+OUTCOMES = ("finished", "stopped", "disconnected", "invalid", "rejected", "forbidden", "failed")
 TRANSPORTS = ("websocket", "http")
 
 

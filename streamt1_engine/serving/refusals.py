@@ -8,7 +8,9 @@ from .limits import LimitExceeded
 from .schemas import ErrorResponse
 
 ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
-    (400, "body is not valid JSON"), (413, "body over the server's size limit"),
+    (400, "body is not valid JSON, or the Host header does not name this server"),
+    (401, "the server's API key is missing or wrong"), (403, "a page of a foreign Origin"),
+    (413, "body over the server's size limit"),
     (422, "a field is refused (the engine's checks, or the server's chunk / candidate limits)"),
     (429, "the server's stream limit is reached"), (503, "the engine's queue is full"),
     (500, "the stream failed while generating"))}

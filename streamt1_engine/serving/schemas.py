@@ -51,12 +51,15 @@ class GenerateRequest(BaseModel):
     stream_preset: str | None = Field(default=None, description="attention layout of this stream (self-forcing, "
                                                                 "causvid, longlive, stream-t1; default: the model's)")
 
+    def search_options(self) -> dict[str, Any]:
+        """The SearchConfig options the request sets (the strategy at least), not yet checked."""
+        if isinstance(self.search, str):
+            return {"strategy": self.search}
+        return {k: v for k, v in self.search.model_dump().items() if v is not None}
+
     def search_config(self) -> SearchConfig:
         """The request's SearchConfig; its own checks raise StreamT1Error on a bad choice or range."""
-        if isinstance(self.search, str):
-            return SearchConfig(strategy=self.search)
-        given = {k: v for k, v in self.search.model_dump().items() if v is not None}
-        return SearchConfig(**given)
+        return SearchConfig(**self.search_options())
 
 
 class GenerateResponse(BaseModel):
