@@ -172,7 +172,8 @@ def estimate(args) -> dict:
     kv_len = (args.sink_frames + args.window_frames) * args.grid[0] * args.grid[1] + lq
     calls = len(args.backends) * (args.warmup + args.repeat + 1) + 1
     flops = sum(calls * 4.0 * n * lq * kv_len * args.heads * args.head_dim for n in args.n)
-    return common.estimate("attention", flops, overhead_s=common.PROCESS_START_S + common.TRITON_WARMUP_S,
+    # no model weights to build; two kernels to compile and autotune
+    return common.estimate("attention", flops, overhead_s=common.PROCESS_START_S + 10.0,
                            detail=f"N={args.n}, {len(args.backends)} backends x ({args.warmup} + {args.repeat}) calls")
 
 

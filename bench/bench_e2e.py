@@ -61,7 +61,8 @@ def estimate(args) -> dict:
                 vae_frames += (n if n > 1 else 0) * 12 * chunks + common.video_frames(chunks)
                 runs += 1
     vae_flops = vae_frames * common.VAE_TFLOP_PER_FRAME * 1e12 if args.vae == "wan-random" else 0.0
-    overhead = len(args.modes) * (common.PROCESS_START_S / 2 + common.TRITON_WARMUP_S / 2) + common.PROCESS_START_S
+    # one process; each further mode builds another engine (weights, pool, graphs) on the warm kernels
+    overhead = common.PROCESS_START_S + common.TRITON_WARMUP_S + 5.0 * (len(args.modes) - 1)
     return common.estimate("e2e", flops, vae_flops=vae_flops, overhead_s=overhead,
                            detail=f"{runs} generations ({args.warmup} warm-up of 2 chunks each), VAE {args.vae}")
 

@@ -752,7 +752,8 @@ def estimate(args) -> dict:
     flops = vae_frames = 0.0
     for chunks in (2, args.chunks) if args.warmup else (args.chunks,):
         flops += common.stream_flops(cfg, stream, chunks, 4, 2) + common.stream_flops(cfg, stream, chunks, 4, 4)
-        vae_frames += 2 * (4 * chunks * (12 + 36) + 2 * common.video_frames(chunks))
+        window = sum(12 * min(c + 1, 3) for c in range(chunks))  # the long reward's window, re-decoded
+        vae_frames += 2 * (4 * (12 * chunks + window) + 2 * common.video_frames(chunks))
     vae_flops = vae_frames * common.VAE_TFLOP_PER_FRAME * 1e12 if args.vae == "wan-random" else 0.0
     host_s = 1.0 * args.chunks  # assumed: the reference's per-layer host reads, cache clones and deep copies
     return common.estimate("reference", flops, vae_flops=vae_flops,

@@ -220,7 +220,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None
 ASSUMED_TFLOPS = 400.0  # H100 SXM: 989 TFLOP/s dense bf16 spec peak; ~40% is what 1.3B GEMMs + attention reach
 ASSUMED_VAE_TFLOPS = 200.0  # the VAE's 3-D convolutions (cuDNN) reach less
 PROCESS_START_S = 15.0  # interpreter, torch + CUDA init, random 1.3B weights on the device
-TRITON_WARMUP_S = 20.0  # per process: Triton compile (disk-cached after the first step) and autotuning
+TRITON_WARMUP_S = 15.0  # per process: Triton compile (disk-cached after the first step) and autotuning
 CAPTURE_HOST_S = 1.0  # per captured graph: recording the launches (its warm-up runs are counted as FLOPs)
 # Wan2.1 VAE decode per 480x832 video frame: 3.45 TFLOP (31.45 TFLOP for 3 latent -> 9 video frames),
 # counted with torch.utils.flop_counter on the meta device (diffusers AutoencoderKLWan, z_dim 16)
