@@ -119,7 +119,8 @@ def main(argv=None):
                  f"first_call_ms includes graph capture for the graphs rows; capture_ms: that capture alone (warm-up "
                  f"runs + recording); chunk_ms is steady-state replays only")
     columns = ["n", "mode", "survivors", "lq", "kv_tokens", "denoise_ms", "context_ms", "chunk_ms", "chunk_min_ms",
-               "first_call_ms", "capture_ms", "tflop_per_chunk", "tflops", "mfu", "speedup_vs_eager", "max_abs_diff_vs_first_mode"]
+               "first_call_ms", "capture_ms", "tflop_per_chunk", "tflops", "mfu", "speedup_vs_eager",
+               "max_abs_diff_vs_first_mode"]
     report = common.Report("bench_chunk", "Per-chunk latency (denoise all steps + context pass)",
                            common.environment(args, __file__), rows, columns, notes)
     report.emit(args.out)

@@ -118,7 +118,8 @@ def main(argv=None):
     notes.append("captures_in_run / capture_s_in_run: CUDA graphs captured inside the timed run (after the warm-up) "
                  "and their seconds; steady_fps leaves those seconds out")
     columns = ["mode", "search", "seconds", "chunks", "candidates", "video_frames", "wall_s", "fps", "realtime_x",
-               "s_per_chunk", "speedup_vs_eager", "steady_fps", "captures_in_run", "capture_s_in_run", "peak_mib", "rss_mib", "kv_pool_mib",
+               "s_per_chunk", "speedup_vs_eager", "steady_fps", "captures_in_run", "capture_s_in_run",
+               "peak_mib", "rss_mib", "kv_pool_mib",
                *[f"{k}_s" for k in STAGES]]
     report = common.Report("bench_e2e", "End-to-end Stream-T1 generation", common.environment(args, __file__),
                            rows, columns, notes)

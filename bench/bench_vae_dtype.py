@@ -72,8 +72,8 @@ def estimate(args) -> dict:
     frames = args.n * common.video_frames(args.chunks) * (args.latent[0] * args.latent[1]) / (60 * 104)
     decodes = (args.warmup + args.repeat + 1) * (1 + 2)  # bf16 once, float32 twice as slow
     vae_flops = decodes * frames * common.VAE_TFLOP_PER_FRAME * 1e12 if args.arch == "wan2.1" else 0.0
-    return common.estimate("vae", 0.0, vae_flops=vae_flops, overhead_s=common.PROCESS_START_S,
-                           detail=f"{args.arch}: {args.n} streams x {args.chunks} chunks, {args.warmup} + {args.repeat}")
+    detail = f"{args.arch}: {args.n} streams x {args.chunks} chunks, {args.warmup} + {args.repeat}"
+    return common.estimate("vae", 0.0, vae_flops=vae_flops, overhead_s=common.PROCESS_START_S, detail=detail)
 
 
 def main(argv=None):

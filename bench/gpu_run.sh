@@ -103,6 +103,10 @@ plan() {  # plan NAME TIMEOUT CMD...: the step's full-size estimate (CMD --estim
     echo "== $name estimate: ${line#estimate }"
 }
 
+plan_fixed() {  # plan_fixed NAME TIMEOUT: the assumed estimate of a step with no FLOP count (run_plan.py)
+    echo "$1 $2 $("$py" bench/run_plan.py fixed "$1" | sed 's/^estimate //')" >> "$results/plan.txt"
+}
+
 bench() {  # bench NAME TIMEOUT NOTE "RUN_ARGS" "DRY_ARGS" CMD...: a bench script's step. CMD is the full-size
     # run (what the plan estimates), RUN_ARGS what this machine changes (e.g. --vae light without diffusers),
     # DRY_ARGS the tiny sizes of a dry run (which also plans the step first)
@@ -123,8 +127,14 @@ has_module() {  # found on the path, without importing it
 install() {  # this checkout importable as streamt1_engine (with its kernels), without the network
     local check="import streamt1_engine, streamt1_engine.kernels.paged_attention, os, sys; \
 sys.exit(0 if os.path.realpath(streamt1_engine.__file__).startswith(os.path.realpath('$repo') + os.sep) else 1)"
-    "$py" -c "$check" 2> /dev/null && { echo "streamt1_engine already installed from this checkout"; return 0; }
-    if "$py" -m pip install -q --no-deps --no-build-isolation -e "$repo" && "$py" -c "$check"; then
+    # checked from outside the checkout, as the bench scripts import it (their folder first, not the repo's)
+    if (cd "$work" && "$py" -c "$check") 2> /dev/null; then
+        echo "streamt1_engine already installed from this checkout"
+        return 0
+    fi
+    if (cd "$work" && "$py" -c "import streamt1_engine") 2> /dev/null; then
+        echo "streamt1_engine is installed from another checkout: left as it is, this one goes first on PYTHONPATH"
+    elif "$py" -m pip install -q --no-deps --no-build-isolation -e "$repo" && (cd "$work" && "$py" -c "$check"); then
         return 0
     fi
     # No pip or setuptools: a shadow package tree on PYTHONPATH maps kernels/ to streamt1_engine.kernels.
@@ -133,8 +143,8 @@ sys.exit(0 if os.path.realpath(streamt1_engine.__file__).startswith(os.path.real
     for entry in "$repo"/streamt1_engine/*; do ln -sf "$entry" "$shadow/"; done
     ln -sfn "$repo/kernels" "$shadow/kernels"
     export PYTHONPATH="$work/pythonpath${PYTHONPATH:+:$PYTHONPATH}"
-    echo "pip install failed: using PYTHONPATH=$work/pythonpath"
-    "$py" -c "$check"
+    echo "using PYTHONPATH=$work/pythonpath"
+    (cd "$work" && "$py" -c "$check")
 }
 
 environment() {
@@ -189,7 +199,8 @@ carried_wheels() {  # .whl/*.whl (carried to the GPU machine): those the image l
             "$wheel"; then ok=$((ok + 1)); else failed+=" $(basename "$wheel")"; fi
     done
     [ $ok -gt 0 ] && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    echo "carried wheels: $ok installed into $site${kept:+; already here:$kept}${failed:+; not installable here:$failed}"
+    echo "carried wheels: $ok installed into $site${kept:+; already here:$kept}"\
+"${failed:+; not installable here:$failed}"
     [ -z "$failed" ]
 }
 
@@ -206,10 +217,10 @@ esac
 for name in $steps; do
     case $name in
         env)
-            [ $dry_run -eq 1 ] && echo "env 60 $("$py" bench/run_plan.py fixed env | sed 's/^estimate //')" \
-                >> "$results/plan.txt"
+            [ $dry_run -eq 1 ] && plan_fixed env 60
             step env 60 "versions; offline install of this checkout" environment
-            has_module av || notes+="- no av (skipped: no av): no video files are written; the reference leaves out its MP4 round trips"$'\n'
+            has_module av ||
+                notes+="- no av (skipped: no av): no video files are written, the reference has no MP4 round trips"$'\n'
             has_module nvtx || notes+="- no nvtx: NVTX ranges use torch's own bindings; no number depends on it"$'\n'
             has_module flash_attn || notes+="- no flash-attn: not timed (SDPA's own kernels are)"$'\n'
             ;;
@@ -240,8 +251,7 @@ for name in $steps; do
             per_test=""
             if has_module pytest_timeout; then per_test="--timeout=90"; else
                 notes+="- gpu_tests: no pytest-timeout, only the step's own timeout applies"$'\n'; fi
-            [ $dry_run -eq 1 ] && echo "gpu_tests 150 $("$py" bench/run_plan.py fixed gpu_tests | sed 's/^estimate //')" \
-                >> "$results/plan.txt"
+            [ $dry_run -eq 1 ] && plan_fixed gpu_tests 150
             step gpu_tests 150 "STREAMT1_TRITON_AUTOTUNE=0 ${per_test:+, 90 s per test}" \
                 env STREAMT1_TRITON_AUTOTUNE=0 "$py" -m pytest -m gpu -q -rs $per_test tests ;;
         reference)
@@ -258,7 +268,7 @@ for name in $steps; do
                     "--tiny --arch tiny --n 1 --chunks 1 --latent 3 4 --warmup 0 --repeat 1" \
                     "$py" bench/bench_vae_dtype.py --arch wan2.1 --latent 60 104 --n 2 --chunks 2 --out "$results/vae"
             else
-                [ $dry_run -eq 1 ] && echo "vae 60 {\"step\": \"vae\", \"seconds\": 0, \"pflop\": 0, \"vae_pflop\": 0, \"overhead_s\": 0, \"detail\": \"skipped: no diffusers\"}" >> "$results/plan.txt"
+                [ $dry_run -eq 1 ] && plan_fixed vae 60
                 rows+="| vae | skipped: no diffusers | 0 | no VAE numbers |"$'\n'
             fi ;;
         *) echo "unknown step: $name" >&2; exit 2 ;;
@@ -289,7 +299,8 @@ total=$(($(date +%s) - start))
             [ -f "$md" ] && { echo; cat "$md"; }
         done
         for partial in "$results/$name"/*.rows.jsonl; do  # a step that ended before its report
-            [ -f "$partial" ] && [ ! -f "${partial%.rows.jsonl}.md" ] && { echo; "$py" bench/run_plan.py partial "$partial"; }
+            [ -f "$partial" ] && [ ! -f "${partial%.rows.jsonl}.md" ] &&
+                { echo; "$py" bench/run_plan.py partial "$partial"; }
         done
     done
     if [ -f "$results/gpu_tests.log" ]; then
