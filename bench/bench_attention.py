@@ -166,14 +166,27 @@ def make_backends(args, inputs, rope_inputs):
     return fns
 
 
+def estimate(args) -> dict:
+    """Every call of every backend (warm-up, timed, the error check) and the reference, per N."""
+    lq = args.chunk_frames * args.grid[0] * args.grid[1]
+    kv_len = (args.sink_frames + args.window_frames) * args.grid[0] * args.grid[1] + lq
+    calls = len(args.backends) * (args.warmup + args.repeat + 1) + 1
+    flops = sum(calls * 4.0 * n * lq * kv_len * args.heads * args.head_dim for n in args.n)
+    # no model weights to build; two kernels to compile and autotune
+    return common.estimate("attention", flops, overhead_s=common.PROCESS_START_S + 10.0,
+                           detail=f"N={args.n}, {len(args.backends)} backends x ({args.warmup} + {args.repeat}) calls")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate:
+        return estimate(args)
     common.interpret_triton_on_cpu(args)
     from streamt1_engine.kernels.paged_attention.fused import attention_flops
 
     device, dtype = str(args.device), args.torch_dtype
     peak = common.peak_tflops(args.device, dtype, args.peak_tflops)
-    rows = []
+    rows = common.LiveRows(args.out, "bench_attention")
     for n in args.n:
         inputs, rope_inputs, lq, kv_len = build_inputs(args, n, device, dtype)
         fns = make_backends(args, inputs, rope_inputs)

@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--chunks", type=int, default=None, help="chunks per stream (default: 7; 3 on CPU)")
     p.add_argument("--vae", choices=["wan-random", "light"], default="light")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the chunk work from CUDA graphs")
+    p.add_argument("--memory-limit", default="auto",
+                   help="GiB the streams may take on top of the weights; auto (default): what the device has free; "
+                        "a stream count whose estimate exceeds it is skipped with a row that says so")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.size is None:
@@ -45,16 +48,26 @@ def parse_args(argv=None):
     wants_cpu = args.size in ("tiny", "mid")
     args = common.finish_args(args, warmup=1, repeat=1) if not wants_cpu else _cpu_args(args)
     args.argv = argv
+    on_gpu = args.device.type == "cuda" or args.estimate  # an estimate is of the GPU run
     if args.size is None:
-        args.size = "1.3b" if args.device.type == "cuda" else "mid"
+        args.size = "1.3b" if on_gpu else "mid"
     args.tiny = args.size == "tiny"
     if args.chunks is None:
-        args.chunks = 7 if args.device.type == "cuda" else (2 if args.tiny else 3)
+        args.chunks = 7 if on_gpu and not args.tiny else (2 if args.tiny else 3)
+    if args.memory_limit != "auto":
+        try:
+            args.memory_limit = int(float(args.memory_limit) * 2**30)
+        except ValueError:
+            p.error(f"--memory-limit must be auto or a number of GiB, got {args.memory_limit!r}")
+        if args.memory_limit <= 0:
+            p.error("--memory-limit must be positive")
     return args
 
 
 def _cpu_args(args):
     """finish_args without forcing --tiny: the mid size is a real CPU measurement."""
+    if args.estimate:
+        return common.finish_args(args, warmup=1, repeat=1)
     tiny = args.tiny
     args.tiny = True
     args = common.finish_args(args, warmup=1, repeat=1)
@@ -85,7 +98,7 @@ def build_engine(args, max_streams: int):
                           EngineConfig(cfg, stream, SamplerConfig()), device=args.device, dtype=args.torch_dtype,
                           attention_backend=args.backend, fps=common.VIDEO_FPS, name=f"random-{args.size}",
                           cuda_graphs=args.cuda_graphs, use_nvtx=False, max_streams=max_streams,
-                          max_queue=max(64, max_streams), memory_limit=None)
+                          max_queue=max(64, max_streams), memory_limit=args.memory_limit)
 
 
 def search_config(name: str):
@@ -131,15 +144,48 @@ def same(a, b) -> bool:
         [r.to_dict() for r in a.chunks] == [r.to_dict() for r in b.chunks]
 
 
+def estimate(args) -> dict:
+    """Warm-up streams, then every stream count's requests twice per repeat (one after another, batched)."""
+    cfg, stream = sizes(args.size)
+    flops, streams = 0.0, 0
+    for name in args.searches:
+        n_cand, k = (4, 2) if name == "stream_t1" else (1, 1)
+        flops += args.warmup * common.stream_flops(cfg, stream, 2, n_cand, k)
+        runs = sum(2 * args.repeat * n for n in args.streams)
+        flops += runs * common.stream_flops(cfg, stream, args.chunks, n_cand, k)
+        streams += runs + args.warmup
+    overhead = common.PROCESS_START_S + common.TRITON_WARMUP_S
+    return common.estimate("serving", flops, overhead_s=overhead,
+                           detail=f"{streams} streams of {args.chunks} chunks at {args.size}, VAE {args.vae}")
+
+
+def fits(engine, n: int, num_chunks: int, search) -> str | None:
+    """None when ``n`` concurrent streams fit the engine's memory limit; else why not (the row says so)."""
+    from streamt1_engine.memory import gib
+
+    limit, where = engine._memory_limit()  # the engine's own rule: "auto" = free now + the pool it holds
+    if limit is None:
+        return None
+    need = n * engine.estimate_memory(num_chunks=num_chunks, search=search).run
+    return None if need <= limit else f"skipped: {n} streams need {gib(need)}, {gib(limit)} {where}"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate:
+        return estimate(args)
     engine = build_engine(args, max(args.streams))
-    rows = []
+    rows = common.LiveRows(args.out, "bench_serving")
     for search_name in args.searches:
         search = search_config(search_name)
         for _ in range(args.warmup):  # warm-up: lazy tables, allocator, (GPU) autotuning and graph capture
             engine.generate(PROMPTS[0], num_chunks=2, seed=args.seed, search=search)
         for n in args.streams:
+            skip = fits(engine, n, args.chunks, search)
+            if skip is not None:
+                print(skip, flush=True)
+                rows.append(dict(search=search_name, streams=n, chunks_per_stream=args.chunks, note=skip))
+                continue
             requests = [dict(prompt=PROMPTS[i % len(PROMPTS)], num_chunks=args.chunks, seed=args.seed + i,
                              search=search) for i in range(n)]
             seq, bat = [], []
@@ -168,10 +214,12 @@ def main(argv=None):
              "ratio = sequential wall / batched wall for the same requests in the same process (aggregate "
              f"throughput gain), the fastest of {args.repeat} alternating repeats of each; chunk latency: time "
              "between a stream's consecutive chunks (first from submit)",
-             f"cuda_graphs: {args.cuda_graphs}"]
+             f"cuda_graphs: {args.cuda_graphs}; memory limit: "
+             + (args.memory_limit if isinstance(args.memory_limit, str) else f"{args.memory_limit / 2**30:g} GiB")
+             + " (a stream count whose estimate does not fit is skipped)"]
     columns = ["search", "streams", "candidates_per_stream", "chunks_per_stream", "video_frames", "batched_fps",
                "sequential_fps", "ratio", "batched_chunk_p50_s", "batched_chunk_p99_s", "sequential_chunk_p50_s",
-               "sequential_chunk_p99_s", "batched_wall_s", "sequential_wall_s", "identical"]
+               "sequential_chunk_p99_s", "batched_wall_s", "sequential_wall_s", "identical", "note"]
     env = common.environment(args, __file__)
     env["size"] = args.size
     report = common.Report("bench_serving", "Concurrent streams: batched engine vs one at a time", env, rows,

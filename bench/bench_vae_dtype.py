@@ -67,15 +67,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def estimate(args) -> dict:
+    """(warm-up + timed + one checked) decodes per dtype; float32 counted at half the bf16 rate."""
+    frames = args.n * common.video_frames(args.chunks) * (args.latent[0] * args.latent[1]) / (60 * 104)
+    decodes = (args.warmup + args.repeat + 1) * (1 + 2)  # bf16 once, float32 twice as slow
+    vae_flops = decodes * frames * common.VAE_TFLOP_PER_FRAME * 1e12 if args.arch == "wan2.1" else 0.0
+    detail = f"{args.arch}: {args.n} streams x {args.chunks} chunks, {args.warmup} + {args.repeat}"
+    return common.estimate("vae", 0.0, vae_flops=vae_flops, overhead_s=common.PROCESS_START_S, detail=detail)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate:
+        return estimate(args)
     from streamt1_engine.vae import WanVAE
 
     model = build_model(args.arch, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     z = int(model.config.z_dim)
     latents = torch.randn(args.n, z, 3 * args.chunks, *args.latent, generator=gen).to(args.device)
-    rows, reference = [], None
+    rows, reference = common.LiveRows(args.out, "bench_vae_dtype"), None
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             vae = WanVAE(model, device=args.device, dtype=dtype)

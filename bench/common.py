@@ -48,6 +48,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None, help="timed iterations")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=None, help="directory for CSV/JSON/markdown results (default: print only)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the FLOPs and the estimated H100 seconds of this run (full size unless --tiny) "
+                        "and exit without running it")
     return p
 
 
@@ -56,6 +59,13 @@ def finish_args(args: argparse.Namespace, *, warmup: int = 3, repeat: int = 10) 
     from streamt1_engine.engine import parse_device, resolve_backend
 
     args.device = parse_device(args.device)
+    if getattr(args, "estimate", False):  # arithmetic only: the sizes of the GPU run, whatever this machine is
+        args.dtype = args.dtype or "bf16"
+        args.torch_dtype = DTYPES[args.dtype]
+        args.backend = "triton" if args.backend == "auto" else args.backend
+        args.warmup = (1 if args.tiny else warmup) if args.warmup is None else args.warmup
+        args.repeat = (2 if args.tiny else repeat) if args.repeat is None else args.repeat
+        return args
     if args.device.type != "cuda" and not args.tiny:
         print("no CUDA device: running with --tiny (CPU numbers only show that the script works)")
         args.tiny = True
@@ -203,6 +213,75 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# -- run-time estimates (--estimate) -------------------------------------------------------------------
+# What bench/gpu_run.sh sizes its steps by, from FLOP counts; assumptions, not measurements:
+ASSUMED_TFLOPS = 400.0  # H100 SXM: 989 TFLOP/s dense bf16 spec peak; ~40% is what 1.3B GEMMs + attention reach
+ASSUMED_VAE_TFLOPS = 200.0  # the VAE's 3-D convolutions (cuDNN) reach less
+PROCESS_START_S = 15.0  # interpreter, torch + CUDA init, random 1.3B weights on the device
+TRITON_WARMUP_S = 15.0  # per process: Triton compile (disk-cached after the first step) and autotuning
+CAPTURE_HOST_S = 1.0  # per captured graph: recording the launches (its warm-up runs are counted as FLOPs)
+# Wan2.1 VAE decode per 480x832 video frame: 3.45 TFLOP (31.45 TFLOP for 3 latent -> 9 video frames),
+# counted with torch.utils.flop_counter on the meta device (diffusers AutoencoderKLWan, z_dim 16)
+VAE_TFLOP_PER_FRAME = 3.5
+
+
+def estimate(step: str, flops: float, *, overhead_s: float, vae_flops: float = 0.0, detail: str = "") -> dict:
+    """Print and return one step's estimate as a JSON line (``estimate {...}``), the line gpu_run.sh reads."""
+    seconds = flops / (ASSUMED_TFLOPS * 1e12) + vae_flops / (ASSUMED_VAE_TFLOPS * 1e12) + overhead_s
+    row = dict(step=step, pflop=round(flops / 1e15, 3), vae_pflop=round(vae_flops / 1e15, 3),
+               overhead_s=round(overhead_s, 1), seconds=round(seconds, 1), assumed_tflops=ASSUMED_TFLOPS,
+               assumed_vae_tflops=ASSUMED_VAE_TFLOPS, detail=detail)
+    print("estimate " + json.dumps(row), flush=True)
+    return row
+
+
+def chunk_forward_flops(cfg: WanConfig, stream: StreamConfig, n: int, cached_pages: int) -> float:
+    """One forward of ``n`` candidates of one chunk that attend ``cached_pages`` pages plus themselves."""
+    lq = stream.chunk_frames * (stream.latent_height // cfg.patch_size[1]) * (stream.latent_width // cfg.patch_size[2])
+    return forward_flops(cfg, n, lq, (cached_pages + 1) * lq)
+
+
+def stream_flops(cfg: WanConfig, stream: StreamConfig, chunks: int, candidates: int, survivors: int,
+                 steps: int = 4) -> float:
+    """A stream of ``chunks`` chunks: every step of ``candidates`` plus the context pass of ``survivors``; chunk c
+    reads at most min(c, max pages per beam) pages (an upper bound: APPEND may grow the sink every chunk)."""
+    total = 0.0
+    for c in range(chunks):
+        pages = min(c, stream.max_pages_per_beam)
+        total += steps * chunk_forward_flops(cfg, stream, candidates, pages)
+        total += chunk_forward_flops(cfg, stream, survivors, pages)
+    return total
+
+
+def video_frames(chunks: int, chunk_frames: int = 3) -> int:
+    """Video frames the Wan VAE makes of ``chunks`` chunks (1 + 4 per latent frame after the first)."""
+    return 1 + WAN_TEMPORAL_FACTOR * (chunks * chunk_frames - 1)
+
+
+# -- rows written as they are measured -----------------------------------------------------------------------
+class LiveRows(list):
+    """A report's rows; each one is also printed and appended to ``<out>/<name>.rows.jsonl`` (flushed) the
+    moment it is measured, so a step killed by its timeout still leaves what it measured."""
+
+    def __init__(self, out_dir: str | None, name: str):
+        super().__init__()
+        self.path = None
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(out_dir) / f"{name}.rows.jsonl"
+            self.path.write_text("")
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        line = json.dumps(row, default=str)
+        print("row " + line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 # -- timing ---------------------------------------------------------------------------------------------

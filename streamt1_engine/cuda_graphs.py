@@ -67,8 +67,11 @@ class _CapturedWork:
 
 
 class GraphedDenoiser:
-    """Same interface as ``EagerDenoiser``; one graph per (kind, N, latent shape, table width, backend, pages
-    read: ``ChunkAttention.max_pages``, which grows over the first chunks of a stream, then stays).
+    """Same interface as ``EagerDenoiser``; one graph per (kind, N, latent shape, table width, backend, page
+    bound: ``graph_page_bound``). The pages a beam reads grow over the first chunks of a stream; the Triton
+    kernel bounds its page loop by each row's count on the device, so its graphs are captured once at the
+    table's width and serve every page count; the torch path attends exact per-row counts (a host value) and
+    keeps one graph per count.
 
     Graphs stay valid across chunks and prompts: ``set_text`` copies a new prompt's cross-attention K/V
     into the static copy every graph reads. ``captures`` and ``replays`` count what happened;
@@ -134,12 +137,13 @@ class GraphedDenoiser:
             text = self._call_text(text)
             if not self._capturable(attn):
                 return denoise_chunk(self.model, self.schedule, noise, text or self._text, attn)
+            max_pages = graph_page_bound(attn)
             key = ("denoise", noise.initial.shape[0], tuple(noise.initial.shape[1:]), attn.page_table.shape[1],
-                   attn.backend, noise.initial.dtype, attn.max_pages, _rows_key(attn), _text_key(text))
+                   attn.backend, noise.initial.dtype, max_pages, _rows_key(attn), _text_key(text))
             sources = {"initial": noise.initial, "renoise": noise.renoise, **_attention_inputs(attn),
                        **_text_inputs(text)}
             # the work must not hold ``attn`` (nor the pool)
-            backend, max_pages, rows, own_text = attn.backend, attn.max_pages, _rows_key(attn), text is not None
+            backend, rows, own_text = attn.backend, _rows_key(attn), text is not None
 
             def work(buf):
                 return denoise_chunk(self.model, self.schedule, ChunkNoise(buf["initial"], buf["renoise"]),
@@ -155,10 +159,11 @@ class GraphedDenoiser:
             if not self._capturable(attn):
                 context_pass(self.model, x0, text or self._text, attn, self.context_timestep)
                 return
+            max_pages = graph_page_bound(attn)
             key = ("context", x0.shape[0], tuple(x0.shape[1:]), attn.page_table.shape[1], attn.backend, x0.dtype,
-                   attn.max_pages, _rows_key(attn), _text_key(text))
+                   max_pages, _rows_key(attn), _text_key(text))
             sources = {"x0": x0, **_attention_inputs(attn), **_text_inputs(text)}
-            backend, max_pages, rows, own_text = attn.backend, attn.max_pages, _rows_key(attn), text is not None
+            backend, rows, own_text = attn.backend, _rows_key(attn), text is not None
 
             def work(buf):
                 context_pass(self.model, buf["x0"], self._buffer_text(buf, own_text),
@@ -196,8 +201,8 @@ class GraphedDenoiser:
 
     def _static_attention(self, buf: dict[str, torch.Tensor], backend: str, max_pages: int | None,
                           rows: tuple[int, ...] | None) -> ChunkAttention:
-        # ``max_pages`` and the torch path's per-row counts are part of the graph's key: a graph reads exactly
-        # the table columns it was captured with.
+        # ``max_pages`` (``graph_page_bound``) and the torch path's per-row counts are part of the graph's key:
+        # a graph reads at most the table columns it was captured with.
         return ChunkAttention(self.pool, buf["page_table"], buf["num_pages"], buf["frame_start"],
                               buf.get("write_pages"), backend=backend, max_pages=max_pages, row_pages=rows)
 
@@ -250,8 +255,20 @@ class GraphedDenoiser:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def graph_page_bound(attn: ChunkAttention) -> int | None:
+    """The page bound a graph of ``attn``'s work is captured with (part of its key).
+
+    Triton: None, the whole table width. The kernel loops over ``min(num_pages[row], bound)`` pages, reading
+    the counts on the device at every replay, so at any bound >= the longest row it does exactly the eager
+    call's work, bit for bit; the table's -1 padding past a row's count is never read. One graph then serves
+    a stream from its first chunk on. Torch: the host bound itself (its slicing and per-row groups are host
+    decisions baked into the graph; padding would change the masked softmax's rounding)."""
+    return None if attn.backend == "triton" else attn.max_pages
+
+
 def _shape_name(key: tuple) -> str:
     kind, n, latent, width, backend, _, pages, rows = key[:8]
+    pages = f"<={width}" if pages is None else pages  # None: the device counts, up to the table width
     name = f"{kind} N={n} latent={'x'.join(map(str, latent))} table={width} pages={pages} {backend}"
     if rows is not None and any(r != pages for r in rows):  # ragged rows (the torch path's exact-rows graphs)
         name += " rows=" + ",".join(map(str, rows))
@@ -345,4 +362,4 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
 
 
 __all__ = ["CAPTURABLE_BACKENDS", "GRAPHS_NEED_CUDA", "CudaGraphCapture", "GraphedDenoiser", "NvtxEagerDenoiser",
-           "compile_blocks", "model_call_ranges", "nvtx_available"]
+           "compile_blocks", "graph_page_bound", "model_call_ranges", "nvtx_available"]

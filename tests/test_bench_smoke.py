@@ -157,11 +157,23 @@ def test_gpu_run_dry_run_end_to_end(tmp_path):
     has_triton = importlib.util.find_spec("triton") is not None
     for step in ("env", "chunk", "serving", "e2e", "gpu_tests", "reference"):
         assert f"| {step} | ok |" in summary, summary
-    assert ("| vae | ok |" if has_diffusers else "| vae | skipped (no diffusers) |") in summary
+    assert ("| vae | ok |" if has_diffusers else "| vae | skipped: no diffusers |") in summary
     assert ("| attention | ok |" if has_triton else "| attention | skipped (no triton) |") in summary
     assert not has_triton or ("## Paged attention kernel" in summary and "| n | mode |" in summary)
     with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
+        plan = tar.extractfile("results/plan.txt").read().decode()
+    # the plan: every step's full-size estimate fits its timeout, and the whole run 7 minutes on an H100
+    steps = {}
+    for line in plan.splitlines():
+        name, timeout, body = line.split(" ", 2)
+        steps[name] = (int(timeout), json.loads(body)["seconds"])
+    assert set(steps) == {"env", "attention", "chunk", "serving", "e2e", "gpu_tests", "reference", "vae"} - (
+        set() if has_triton else {"attention"})
+    assert all(seconds is not None and seconds < timeout for timeout, seconds in steps.values()), steps
+    assert sum(seconds for _, seconds in steps.values()) <= 7 * 60
+    assert "## Plan: estimated H100 seconds" in summary and ": FITS" in summary
+    assert not has_diffusers or steps["e2e"][1] > 60  # the VAE decodes are in the e2e estimate
     assert {"results/summary.md", "results/env.log", "results/gpu_tests.log", "results/chunk/bench_chunk.md",
             "results/serving/bench_serving.md",
             "results/e2e/bench_e2e.md", "results/reference/bench_reference.md"} <= names
@@ -184,6 +196,63 @@ def test_gpu_run_times_out_a_step_skips_what_no_longer_fits_and_goes_on(tmp_path
     summary = (out / "summary.md").read_text()
     assert "| install | FAILED |" in summary
     assert "| chunk | TIMEOUT after" in summary and "| e2e | skipped (budget spent) |" in summary
+
+
+def test_a_step_killed_by_its_timeout_leaves_the_rows_it_measured(tmp_path):
+    """Rows are written as they are measured: a bench that dies after its first row still shows that row
+    in the summary, marked partial."""
+    real = sys.executable
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+case "$1" in
+    bench/run_plan.py) exec {real} "$@" ;;
+    bench/bench_chunk.py)
+        for last; do :; done
+        mkdir -p "$last" && echo '{{"n": 1, "mode": "eager", "chunk_ms": 12.5}}' > "$last/bench_chunk.rows.jsonl"
+        sleep 60 ;;
+    *) exit 1 ;;
+esac
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "run"
+    res = _gpu_run(out, python=str(fake), GPU_RUN_STEPS="chunk", GPU_RUN_BUDGET_S="6")
+    assert res.returncode == 1, res.stdout + res.stderr
+    summary = (out / "summary.md").read_text()
+    assert "| chunk | TIMEOUT after" in summary
+    assert "## bench_chunk: partial (1 rows written before the step ended; no report)" in summary
+    assert "| 1 | eager | 12.5 |" in summary
+
+
+def test_live_rows_are_on_disk_before_the_report(tmp_path):
+    rows = load("common").LiveRows(str(tmp_path), "bench_x")
+    rows.append({"n": 1, "ms": 2.0})
+    assert json.loads((tmp_path / "bench_x.rows.jsonl").read_text()) == {"n": 1, "ms": 2.0}
+    rows.append({"n": 2, "ms": 3.0})
+    assert len((tmp_path / "bench_x.rows.jsonl").read_text().splitlines()) == 2 and rows == [
+        {"n": 1, "ms": 2.0}, {"n": 2, "ms": 3.0}]
+
+
+def test_plan_fails_when_a_step_outgrows_its_timeout_or_the_run_its_limit(tmp_path, capsys):
+    plan = load("run_plan")
+    path = tmp_path / "plan.txt"
+    path.write_text('chunk 100 {"seconds": 70, "pflop": 12, "vae_pflop": 0, "overhead_s": 39}\n'
+                    'e2e 120 {"seconds": 90, "pflop": 10, "vae_pflop": 4, "overhead_s": 40}\n')
+    assert plan.table(path, 420) == 0 and "Estimated total: 160 s of at most 420 s: FITS" in capsys.readouterr().out
+    assert plan.table(path, 150) == 1 and "total 160 s > 150 s" in capsys.readouterr().out
+    path.write_text('chunk 100 {"seconds": 130, "pflop": 32, "vae_pflop": 0, "overhead_s": 39}\n')
+    assert plan.table(path, 420) == 1 and "chunk: 130 s >= its 100 s timeout" in capsys.readouterr().out
+
+
+def test_estimates_count_the_work_the_arguments_ask_for():
+    """The chunk step at its old sizes (3 warm-up + 10 timed) is about 32 PFLOP, what ran into its timeout."""
+    chunk = load("bench_chunk")
+    old = chunk.main(["--estimate", "--n", "1", "4", "--modes", "eager", "graphs"])
+    new = chunk.main(["--estimate", "--n", "1", "4", "--modes", "eager", "graphs", "--warmup", "1", "--repeat", "3"])
+    assert 28 < old["pflop"] < 34 and new["pflop"] < old["pflop"] / 2 and new["seconds"] < 100 < old["seconds"]
+    e2e = load("bench_e2e")
+    light = e2e.main(["--estimate", "--seconds", "5", "--vae", "light"])
+    wan = e2e.main(["--estimate", "--seconds", "5", "--vae", "wan-random"])
+    assert light["vae_pflop"] == 0 < wan["vae_pflop"] and light["pflop"] == wan["pflop"]
 
 
 def test_gpu_run_rejects_bad_arguments(tmp_path):

@@ -16,6 +16,7 @@ from streamt1_engine import profiling
 from streamt1_engine.cache import BeamPages, PagedKVCache
 from streamt1_engine.config import SamplerConfig, StreamConfig
 from streamt1_engine.cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, compile_blocks
+from streamt1_engine.kernels.paged_attention import paged_attention
 from streamt1_engine.model.wan import ChunkAttention
 from streamt1_engine.sampler import make_schedule
 from streamt1_engine.search.beam_search import BeamSearch, EagerDenoiser
@@ -45,12 +46,12 @@ class ReplayByRerun:
         return replay, output
 
 
-def run_search(model, text, cache, search, num_chunks, denoiser=None, seed=7):
+def run_search(model, text, cache, search, num_chunks, denoiser=None, seed=7, backend="torch"):
     cache.reset()
     runner = BeamSearch(model=model, vae=SpaceToDepthVAE(2), cache=cache, text=text, prompt="p", search=search,
                         schedule=SCHEDULE, num_chunks=num_chunks, seed=seed,
                         latent_shape=(12, 3, STREAM.latent_height, STREAM.latent_width),
-                        short_reward=brightness, long_reward=smoothness, attention_backend="torch",
+                        short_reward=brightness, long_reward=smoothness, attention_backend=backend,
                         denoiser=denoiser)
     with torch.inference_mode():
         for _ in range(num_chunks):
@@ -375,3 +376,91 @@ def test_capture_time_is_recorded_once_per_shape():
     assert graphed.captures == 6 and graphed.replays == 6  # chunk c reads c pages: each shape captured once
     assert len(graphed.capture_seconds) == 6 and all(s > 0 for s in graphed.capture_seconds.values())
     assert {name.split()[0] for name in graphed.capture_seconds} == {"denoise", "context"}
+
+
+# -- the page bound of a graph: one capture per stream, not one per page count ------------------------------
+class PagedAttentionStub(torch.nn.Module):
+    """The smallest model whose forward is one paged attention of the chunk (one layer, one head of 16): the
+    real kernel at toy sizes, so Triton's interpreter runs a whole long stream in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.rope = object()  # GraphedDenoiser checks that the RoPE tables stay the same object
+
+    def forward(self, x, timestep, text, attn):
+        n, c, f, h, w = x.shape
+        pooled = torch.nn.functional.avg_pool3d(x, (1, 2, 2))  # patch 1x2x2: the pool's page tokens
+        q = pooled.flatten(2).transpose(1, 2)[:, :, None, :].contiguous()  # [N, tokens, 1 head, c]
+        k = (0.5 * q + timestep[:, None, None, None] / 1000).contiguous()
+        v = q.flip(-1).contiguous()
+        pool = attn.pool
+        if attn.write_pages is not None:
+            pool.k[0].index_copy_(0, attn.write_pages, k)
+            pool.v[0].index_copy_(0, attn.write_pages, v)
+        out = paged_attention(q, k, v, pool.k[0], pool.v[0], attn.page_table, attn.num_pages, backend=attn.backend,
+                              max_pages=attn.max_pages, row_pages=attn.row_pages)
+        out = out[:, :, 0].transpose(1, 2).reshape(pooled.shape)
+        return out.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+
+
+def run_long_stream(backend, denoiser_for, chunks=8):
+    """Two candidates whose beams grow by one page per chunk up to the table width, then slide (row 1 one
+    page behind row 0): every page count from 0 to the width. Returns each chunk's x0 and the final pool."""
+    from streamt1_engine.config import WanConfig
+
+    cfg = WanConfig.tiny(dim=16, num_heads=1, num_layers=1, in_channels=16, out_channels=16)
+    stream = StreamConfig.tiny()
+    cache = PagedKVCache(cfg, stream, 2 * chunks, torch.device("cpu"), torch.float32)
+    width = stream.max_pages_per_beam
+    model, text = PagedAttentionStub(), text_context(tiny_model(in_channels=16, out_channels=16))
+    denoiser = denoiser_for(model, cache.pool, text)
+    written, outputs = [[], []], []
+    with torch.inference_mode():
+        for chunk in range(chunks):
+            rows = [written[0][-width:], written[1][-width:][1:] if chunk > 1 else []]
+            counts = tuple(len(r) for r in rows)
+            table = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+            start = torch.full((2,), 3 * chunk, dtype=torch.long)
+            attn = ChunkAttention(cache.pool, table, torch.tensor(counts, dtype=torch.int32), start,
+                                  backend=backend, max_pages=max(counts), row_pages=counts)
+            noise = draw_chunk_noise([1, 2], chunk, (16, 3, stream.latent_height, stream.latent_width),
+                                     SCHEDULE.num_steps, "cpu")
+            x0 = denoiser.denoise(noise, attn)
+            pages = [cache.alloc(), cache.alloc()]
+            write = ChunkAttention(cache.pool, table, attn.num_pages, start, torch.tensor(pages), backend=backend,
+                                   max_pages=max(counts), row_pages=counts)
+            denoiser.context(x0, write)
+            for row, page in zip(written, pages):
+                row.append(page)
+            outputs.append(x0.clone())
+    return outputs, cache.pool.k.clone(), width, denoiser
+
+
+def graphed_for(model, pool, text):
+    return GraphedDenoiser(model, SCHEDULE, text, pool, capture=ReplayByRerun())
+
+
+def eager_for(model, pool, text):
+    return EagerDenoiser(model, SCHEDULE, text)
+
+
+def test_triton_graphs_serve_every_page_count_of_a_long_stream():
+    """The Triton kernel bounds its page loop by each row's device count, so graphs captured at the table
+    width replay every chunk of the stream, whatever it reads, and give eager's results bit for bit."""
+    want, want_pool, width, _ = run_long_stream("triton", eager_for)
+    got, got_pool, _, graphed = run_long_stream("triton", graphed_for)
+    assert all(torch.equal(a, b) for a, b in zip(want, got)) and torch.equal(want_pool, got_pool)
+    assert graphed.captures == graphed.num_graphs == 2  # one denoise and one context graph for 8 chunks
+    assert graphed.replays == 2 * 8
+    assert sorted(graphed.capture_seconds) == [f"context N=2 latent=16x3x4x6 table={width} pages=<={width} triton",
+                                               f"denoise N=2 latent=16x3x4x6 table={width} pages=<={width} triton"]
+
+
+def test_torch_graphs_keep_one_graph_per_exact_row_counts():
+    """The torch path slices exact per-row counts on the host (batch-invariant results), so its graphs stay
+    keyed by the counts: bounded by the distinct counts a stream reads, and equal to eager bit for bit."""
+    want, want_pool, width, _ = run_long_stream("torch", eager_for)
+    got, got_pool, _, graphed = run_long_stream("torch", graphed_for)
+    assert all(torch.equal(a, b) for a, b in zip(want, got)) and torch.equal(want_pool, got_pool)
+    distinct_rows = width + 1  # (0, 0), (1, 0), (2, 1), ..., (width, width - 1), then it slides
+    assert graphed.captures == 2 * distinct_rows

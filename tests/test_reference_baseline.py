@@ -264,3 +264,84 @@ def test_reference_forward_equals_the_engine_model():
     assert not torch.allclose(got, model(noisy.permute(0, 2, 1, 3, 4), torch.tensor([750.0]), text,
                                          ChunkAttention.dense(1, "cpu", frame_start=3)).permute(0, 2, 1, 3, 4),
                               atol=1e-3)  # guard: the cached chunk 0 matters
+
+
+# -- which decisions the check compares ----------------------------------------------------------------------
+def decisions(hybrid_by_chunk, survivors_by_chunk, routes_by_chunk, chosen, final_scores):
+    """The same records as both runs keep them: (engine result stand-in, ReferenceResult)."""
+    from types import SimpleNamespace
+
+    ref = load("bench_reference")
+    records = [ref.ReferenceChunk(index=c, candidate_seeds=[c, c + 1, c + 2, c + 3], candidate_parents=[0] * 4,
+                                  short_scores=list(h), long_scores=list(h), hybrid_scores=list(h), hybrid_weight=0.5,
+                                  survivors=list(s), route_flags=list(r), attended_frames=[[]] * 4,
+                                  route_margins=[1.0, 1.0])
+               for c, (h, s, r) in enumerate(zip(hybrid_by_chunk, survivors_by_chunk, routes_by_chunk))]
+    frames = torch.zeros(3, 2, 2, 3, dtype=torch.uint8)
+    engine = SimpleNamespace(chunks=records, info=dict(chosen_beam=chosen, final_beam_scores=final_scores),
+                             frames=frames)
+    return engine, ref.ReferenceResult(records, chosen, final_scores, frames)
+
+
+def flip_chunk(engine, chunk, survivors):
+    from types import SimpleNamespace
+
+    engine.chunks = [SimpleNamespace(**{**r.to_dict(), "survivors": survivors}) if i == chunk else r
+                     for i, r in enumerate(engine.chunks)]
+
+
+def test_a_flipped_near_tie_is_not_compared_nor_what_follows_it():
+    """bf16: survivors 0.50 / 0.49 / 0.48 are within twice the score tolerance of each other, so either run may
+    keep either; the chunk and the later ones (other lineages) are reported, not counted as a mismatch."""
+    ref = load("bench_reference")
+    hybrid = [[0.9, 0.5, 0.2, 0.1], [0.50, 0.49, 0.48, 0.10], [0.9, 0.5, 0.2, 0.1]]
+    engine, result = decisions(hybrid, [[0, 1], [0, 1], [0, 1]], [["D", "D"]] * 3, 0, [0.9, 0.1])
+    flip_chunk(engine, 1, [0, 2])
+    flip_chunk(engine, 2, [1, 0])
+    check = ref.compare(engine, result, ref.score_tolerance(torch.bfloat16))
+    assert check["all_match"] and check["near_ties"] == 1 and check["compared_chunks"] == 1
+    assert check["chunk_status"][0] == "same" and check["chunk_status"][1].startswith("near-tie")
+    assert check["chunk_status"][2] == "after a near-tie, not compared"
+    assert check["max_frame_diff"] is None  # the videos of different lineages are not compared either
+
+
+def test_a_flip_beyond_the_tolerance_is_a_mismatch():
+    ref = load("bench_reference")
+    hybrid = [[0.9, 0.5, 0.2, 0.1], [0.9, 0.6, 0.3, 0.1]]
+    engine, result = decisions(hybrid, [[0, 1], [0, 1]], [["D", "D"]] * 2, 0, [0.9, 0.1])
+    flip_chunk(engine, 1, [0, 2])
+    check = ref.compare(engine, result, ref.score_tolerance(torch.bfloat16))
+    assert not check["all_match"] and not check["survivors"] and check["near_ties"] == 0
+    assert check["chunk_status"][1].startswith("DIFFERENT")
+    # in float32 the same 0.01 gaps are far beyond the tolerance: a flip there is a mismatch
+    engine, result = decisions([[0.50, 0.49, 0.48, 0.10]], [[0, 1]], [["D", "D"]], 0, [0.9, 0.1])
+    flip_chunk(engine, 0, [0, 2])
+    assert not ref.compare(engine, result, ref.score_tolerance(torch.float32))["all_match"]
+
+
+def test_final_pick_near_tie_is_not_compared():
+    ref = load("bench_reference")
+    engine, result = decisions([[0.9, 0.5, 0.2, 0.1]], [[0, 1]], [["D", "D"]], 0, [0.50, 0.49])
+    engine.info["chosen_beam"] = 1
+    check = ref.compare(engine, result, ref.score_tolerance(torch.bfloat16))
+    assert check["all_match"] and check["chosen_beam_status"] == "near-tie, not compared"
+    result.final_scores = [0.9, 0.1]
+    engine.info["final_beam_scores"] = [0.9, 0.1]
+    assert ref.compare(engine, result, 5e-2)["chosen_beam_status"] == "DIFFERENT"
+
+
+def test_require_match_failure_keeps_the_timings(tmp_path, monkeypatch):
+    """A mismatch exits non-zero after the timing rows are written (as they were measured, and the report)."""
+    ref = load("bench_reference")
+    real = ref.compare
+
+    def disagree(*args, **kwargs):
+        return {**real(*args, **kwargs), "all_match": False}
+
+    monkeypatch.setattr(ref, "compare", disagree)
+    with pytest.raises(SystemExit, match="disagree where the decisions are deterministic"):
+        ref.main(["--tiny", "--dtype", "fp32", "--chunks", "2", "--warmup", "0", "--vae", "light", "--no-files",
+                  "--require-match", "--out", str(tmp_path)])
+    lines = (tmp_path / "bench_reference.rows.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(line)["run"] for line in lines] == ["engine", "reference"]
+    assert "| engine |" in (tmp_path / "bench_reference.md").read_text()
