@@ -161,13 +161,13 @@ def estimate(args) -> dict:
 
 def fits(engine, n: int, num_chunks: int, search) -> str | None:
     """None when ``n`` concurrent streams fit the engine's memory limit; else why not (the row says so)."""
-    from streamt1_engine.memory import gib
+    from streamt1_engine.memory import size_text
 
     limit, where = engine._memory_limit()  # the engine's own rule: "auto" = free now + the pool it holds
     if limit is None:
         return None
     need = n * engine.estimate_memory(num_chunks=num_chunks, search=search).run
-    return None if need <= limit else f"skipped: {n} streams need {gib(need)}, {gib(limit)} {where}"
+    return None if need <= limit else f"skipped: {n} streams need {size_text(need)}, {size_text(limit)} {where}"
 
 
 def main(argv=None):

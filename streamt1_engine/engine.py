@@ -33,6 +33,7 @@ from .search.beam_search import BeamSearch, ChunkRecord
 from .search.config import SearchConfig
 from .search.executor import batch_bucket, run_batched
 from .streams import StreamHandle, StreamRequest, _Progress
+from .validation import short_repr
 
 MAX_CHUNKS = 100_000
 MAX_FRAME_SIDE = 16384  # pixels: beyond every model's training sizes and any device's memory
@@ -165,6 +166,8 @@ class StreamT1Engine:
         self.model = model.to(self.device, self.dtype).eval()
         self.model.batch_invariant = True  # several streams share a forward; each must equal itself alone
         self.text_encoder, self.vae = text_encoder, vae
+        require(isinstance(fps, int) and not isinstance(fps, bool) and 1 <= fps <= 1000,
+                f"fps must be an integer in 1..1000, got {short_repr(fps)}")
         self.config, self.fps, self.name = config, fps, name
         self.default_rewards = default_rewards or {}
         self.use_nvtx = use_nvtx
@@ -210,7 +213,8 @@ class StreamT1Engine:
         The attention layout comes from the checkpoint format (``loaders.checkpoint_stream_preset``);
         ``stream_preset`` ("self-forcing", "causvid", "longlive", "stream-t1") overrides it, an explicit
         ``stream`` wins. ``sampler`` replaces the model's few-step schedule (e.g. from
-        ``upstream_config.load_upstream_config``)."""
+        ``upstream_config.load_upstream_config``). Other keywords go to the constructor (``fps``, ``name`` and
+        ``default_rewards`` there override the source's)."""
         from . import loaders  # local import keeps the engine importable without optional parts
 
         dev = parse_device(device)
@@ -218,9 +222,9 @@ class StreamT1Engine:
         parts = loaders.load_parts(source or "tiny", device=dev, dtype=dt, text_encoder=text_encoder, vae=vae,
                                    lora=lora, lora_alpha=lora_alpha, stream=stream, stream_preset=stream_preset,
                                    sampler=sampler)
+        kwargs = {"fps": parts.fps, "name": parts.name, "default_rewards": parts.default_rewards, **kwargs}
         return cls(parts.model, parts.text_encoder, parts.vae, parts.config, device=dev, dtype=dt,
-                   attention_backend=attention_backend, fps=parts.fps, name=parts.name,
-                   default_rewards=parts.default_rewards, **kwargs)
+                   attention_backend=attention_backend, **kwargs)
 
     def save_pretrained(self, path, *, dtype=None, description: str | None = None):
         """Write an engine-format folder (``streamt1.json``, ``dit.safetensors``, the components' files and specs)
@@ -589,7 +593,7 @@ class StreamT1Engine:
         if pool is None:
             try:
                 blocks = BlockPool.allocate(cfg, need, page_tokens, self.device, self.dtype)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError):  # also a size past what torch can index
                 raise StreamT1Error(f"allocating a KV pool of {need} pages ({size_text(need * page_bytes)}) ran out "
                                     f"of memory on {self.device}; run fewer streams at once or a smaller search"
                                     ) from None

@@ -17,6 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import EngineBusy, StreamT1Error, require
+from .validation import short_repr
+
+MAX_PAGES = 2**31 - 1  # page ids are int32 in the page tables
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,12 @@ class Scheduler:
                  max_batch: int | None = None):
         for name, value, least in (("max_streams", max_streams, 1), ("max_queue", max_queue, 0)):
             require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
-                    f"{name} must be an integer >= {least}, got {value!r}")
-        for name, value in (("kv_pages", kv_pages), ("max_batch", max_batch)):
+                    f"{name} must be an integer >= {least}, got {short_repr(value)}")
+        for name, value, most in (("kv_pages", kv_pages, MAX_PAGES), ("max_batch", max_batch, None)):
             require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-                    f"{name} must be None or a positive integer, got {value!r}")
+                    f"{name} must be None or a positive integer, got {short_repr(value)}")
+            require(value is None or most is None or value <= most,
+                    f"{name} must be at most {most} (page tables hold int32 ids), got {short_repr(value)}")
         self.max_streams, self.max_queue = max_streams, max_queue
         self.kv_pages, self.max_batch = kv_pages, max_batch
         self.memory_budget: int | None = None

@@ -33,7 +33,7 @@ class Range:
                 wanted = f"<= {self.high}"
             else:
                 wanted = f"in [{self.low}, {self.high}]"
-            raise StreamT1Error(f"{where} must be {wanted}, got {_short(value)}")
+            raise StreamT1Error(f"{where} must be {wanted}, got {short_repr(value)}")
 
 
 def at_least(low) -> Range:
@@ -89,7 +89,7 @@ def _convert(where: str, tp, value):
             number = float(value)
         except OverflowError:  # an int beyond any float
             number = math.inf
-        require(math.isfinite(number), f"{where} must be a finite number, got {_short(value)}")
+        require(math.isfinite(number), f"{where} must be a finite number, got {short_repr(value)}")
         return number
     if tp is str:
         require(isinstance(value, str), f"{where} must be a string, got {value!r}")
@@ -104,7 +104,7 @@ def _convert(where: str, tp, value):
     return value
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
     """``repr`` cut short: a refusal stays one readable line whatever number it refuses."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"

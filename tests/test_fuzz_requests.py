@@ -419,3 +419,34 @@ if __name__ == "__main__":
         _serve()
     else:
         _api_calls(sys.argv[2])
+
+
+ENGINE_SPEC = {  # the engine's own numbers: a fixed pool size and the scheduler's limits, and the video's fps
+    "fps": integer(1, 1000), "max_streams": integer(1), "max_queue": integer(0), "max_batch": integer(1),
+    "kv_pages": lambda v: type(v) is int and 1 <= v <= 64,  # more pages than the machine holds: refused
+}
+
+
+@pytest.mark.parametrize("field", sorted(ENGINE_SPEC))
+def test_engine_options(field):
+    """Each refused at construction or, for a pool larger than memory, when the stream asks for it: one line."""
+    from streamt1_engine import StreamT1Engine, StreamT1Error
+
+    for name, value in VALUES.items():
+        if field == "kv_pages" and name == "10**7":
+            continue  # a pool that fits this machine's memory but takes a few GB to zero: allowed, not run here
+        start = time.monotonic()
+        try:
+            engine = StreamT1Engine.from_pretrained("tiny", **{field: value})
+            try:
+                engine.generate(PROMPT, num_chunks=1, height=16, width=16)
+            finally:
+                engine.close()
+            error = None
+        except StreamT1Error as exc:
+            error = str(exc)
+        assert time.monotonic() - start < GENERATE_S, (field, name)
+        if ENGINE_SPEC[field](value):
+            assert error is None, (field, name, error)
+        else:
+            assert error and "\n" not in error, (field, name, error)
