@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 
 class LoopbackServer:
@@ -64,3 +65,22 @@ def metric_value(text: str, name: str, **labels) -> float:
         if sample == key:
             return float(value)
     return 0.0
+
+
+@contextmanager
+def tiny_engine_one_thread(**options):
+    """The embedded engine with torch at one thread: its work is small, and more threads only contend with the
+    server and the client on a shared CPU."""
+    import torch
+
+    from streamt1_engine import StreamT1Engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = StreamT1Engine.from_pretrained("tiny", **options)
+    try:
+        yield engine
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+

@@ -23,7 +23,7 @@ from streamt1_engine.serving.app import create_app  # noqa: E402
 from streamt1_engine.serving.limits import ServerLimits  # noqa: E402
 from streamt1_engine.serving.schemas import GenerateRequest  # noqa: E402
 
-from server_helpers import LoopbackServer, metric_value, wait_until  # noqa: E402
+from server_helpers import LoopbackServer, metric_value, tiny_engine_one_thread, wait_until  # noqa: E402
 
 PROMPT = "a red circle moving right on a blue background"
 LIMITS = ServerLimits(max_streams=6, max_chunks=40, max_candidates=8, max_body_bytes=4096)
@@ -31,14 +31,8 @@ LIMITS = ServerLimits(max_streams=6, max_chunks=40, max_candidates=8, max_body_b
 
 @pytest.fixture(scope="module")
 def engine():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's work is small: more threads only contend on a shared CPU
-    engine = StreamT1Engine.from_pretrained("tiny", max_streams=4, max_queue=8)
-    yield engine
-    engine.close()
-    torch.set_num_threads(threads)
+    with tiny_engine_one_thread(max_streams=4, max_queue=8) as engine:
+        yield engine
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -251,6 +245,37 @@ def test_busy_server_answers_429_and_websocket_refusals(engine):
         assert metric_value(metrics, "streamt1_requests_total", transport="http", outcome="rejected") == 1
         assert metric_value(metrics, "streamt1_requests_total", transport="websocket", outcome="rejected") == 1
         assert metric_value(metrics, "streamt1_requests_total", transport="websocket", outcome="invalid") == 4
+
+
+def test_concurrent_arrivals_fill_the_engine_slots_and_queue_then_503():
+    """Engine at max_streams 2, max_queue 2: four WebSockets arriving at once are all accepted (two run, two
+    wait), the fifth is refused with the one-line "queue is full"; repeated, since the fault was a race."""
+    small = StreamT1Engine.from_pretrained("tiny", max_streams=2, max_queue=2)
+    app = create_app(small, ServerLimits(max_streams=8, max_chunks=40))
+    try:
+        with LoopbackServer(app) as server:
+            async def arrive(ws):
+                await ws.send(json.dumps(dict(prompt=PROMPT, num_chunks=40)))
+                return json.loads(await ws.recv())
+
+            async def main():
+                sockets = [connect(server.ws_url + "/v1/stream") for _ in range(5)]
+                opened = [await s.__aenter__() for s in sockets]
+                try:
+                    first = await asyncio.gather(*(arrive(ws) for ws in opened[:4]))  # neither reads on after this
+                    fifth = await arrive(opened[4])
+                    return first, fifth
+                finally:
+                    for s in sockets:
+                        await s.__aexit__(None, None, None)
+
+            for _ in range(3):
+                first, fifth = asyncio.run(main())
+                assert [m["type"] for m in first] == ["accepted"] * 4, first
+                assert fifth["type"] == "error" and fifth["status"] == 503 and "queue is full" in fifth["error"], fifth
+                assert wait_until(lambda: small.stats()["pages_in_use"] == 0 and small.stats()["running"] == 0, 20)
+    finally:
+        small.close()
 
 
 def test_full_engine_queue_answers_503():

@@ -18,13 +18,12 @@ pytest.importorskip("websockets", reason='needs the serve extra: pip install -e 
 
 from websockets.sync.client import connect  # noqa: E402
 
-from streamt1_engine import StreamT1Engine  # noqa: E402
 from streamt1_engine.search.beam_search import BeamSearch  # noqa: E402
 from streamt1_engine.serving.app import create_app  # noqa: E402
 from streamt1_engine.serving.limits import ServerLimits  # noqa: E402
 from streamt1_engine.serving.security import AccessPolicy  # noqa: E402
 
-from server_helpers import LoopbackServer  # noqa: E402
+from server_helpers import LoopbackServer, tiny_engine_one_thread  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -96,14 +95,8 @@ def browser(tmp_path):
 
 @pytest.fixture(scope="module")
 def engine():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = StreamT1Engine.from_pretrained("tiny", max_streams=2, max_queue=2)
-    yield engine
-    engine.close()
-    torch.set_num_threads(threads)
+    with tiny_engine_one_thread(max_streams=2, max_queue=2) as engine:
+        yield engine
 
 
 def test_page_renders_the_form_and_the_stream_path(engine):

@@ -21,12 +21,12 @@ pytest.importorskip("websockets", reason='needs the serve extra: pip install -e 
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
-from streamt1_engine import StreamT1Engine, StreamT1Error  # noqa: E402
+from streamt1_engine import StreamT1Error  # noqa: E402
 from streamt1_engine.serving.app import create_app  # noqa: E402
 from streamt1_engine.serving.limits import ServerLimits  # noqa: E402
 from streamt1_engine.serving.security import AccessPolicy, exposure_warning  # noqa: E402
 
-from server_helpers import LoopbackServer, metric_value  # noqa: E402
+from server_helpers import LoopbackServer, metric_value, tiny_engine_one_thread  # noqa: E402
 
 PROMPT = "a red circle moving right on a blue background"
 KEY = "s3cret-Token_42"
@@ -45,14 +45,8 @@ class LateApp:
 
 @pytest.fixture(scope="module")
 def engine():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engine = StreamT1Engine.from_pretrained("tiny", max_streams=2, max_queue=2)
-    yield engine
-    engine.close()
-    torch.set_num_threads(threads)
+    with tiny_engine_one_thread(max_streams=2, max_queue=2) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
