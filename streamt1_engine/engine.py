@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .cache import BlockPool, PagedKVCache, page_tokens_for
+from .cache import BlockPool, KVPool, PagedKVCache, page_tokens_for
 from .config import EngineConfig, SamplerConfig, StreamConfig
 from .cuda_graphs import GRAPHS_NEED_CUDA, GraphedDenoiser, NvtxEagerDenoiser, nvtx_available
 from .cuda_graphs import compile_blocks as compile_dit_blocks
@@ -580,8 +580,7 @@ class StreamT1Engine:
             return
         page_tokens = page_tokens_for(self.config.model, stream_cfg)
         cfg = self.config.model
-        page_bytes = 2 * cfg.num_layers * page_tokens * cfg.num_heads * cfg.head_dim * \
-            torch.empty((), dtype=self.dtype).element_size()
+        page_bytes = KVPool.page_bytes(cfg, page_tokens, self.dtype)
         staged = self.device.type == "cuda"
         freed_first = pool.blocks.kv.nbytes() if pool is not None and staged else 0
         room = self._pool_room()

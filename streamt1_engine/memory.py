@@ -20,7 +20,6 @@ import torch
 from .config import WanConfig
 from .errors import require
 
-GIB = 1024 ** 3  # kept for callers that size things in GiB
 # Float32 working copies per decoded output value (input planes, intermediates, clamp/convert); a VAE class
 # may override with a ``decode_bytes_per_pixel`` attribute (per output pixel of one frame, all channels).
 DEFAULT_VAE_BYTES_PER_PIXEL = 3 * 4 * 4
@@ -99,8 +98,6 @@ def size_text(n: int) -> str:
         if value < 1024:
             break
     return f"{value:.2f} {unit}"
-
-
 
 
 def estimate_memory(model: WanConfig, shape: RunShape, weight_bytes: int = 0) -> MemoryEstimate:

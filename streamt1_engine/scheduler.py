@@ -80,14 +80,9 @@ class Scheduler:
 
     def admit(self) -> list[str]:
         """Move the requests that fit now from the head of the queue to the running set, in order."""
-        admitted = []
-        while self._queue:
-            request_id, demand = next(iter(self._queue.items()))
-            if not self._fits(demand, list(self._running.values())):
-                break
-            del self._queue[request_id]
-            self._running[request_id] = demand
-            admitted.append(request_id)
+        admitted = list(self._queue)[:self._admissible(list(self._queue.values()))]
+        for request_id in admitted:
+            self._running[request_id] = self._queue.pop(request_id)
         return admitted
 
     def finish(self, request_id: str) -> None:
@@ -97,7 +92,8 @@ class Scheduler:
         self._queue.pop(request_id, None)
 
     def _admissible(self, demands: list[Demand]) -> int:
-        """How many of ``demands`` (queue order) ``admit`` would move to the running set now."""
+        """How many of ``demands`` (queue order, from the head) fit beside the running streams now, each
+        counted as running once it fits: what ``admit`` moves, and what ``submit`` counts as about to leave."""
         running = list(self._running.values())
         for i, demand in enumerate(demands):
             if not self._fits(demand, running):

@@ -72,24 +72,42 @@ def write_mp4(path: str | Path, frames, fps: float = 16, crf: int = 18, codec: s
     import av
 
     frames = _pad_to_even(_check_uint8_frames(frames))
-    require(isinstance(fps, (int, float, Fraction)) and fps > 0, f"fps must be a positive number, got {fps!r}")
-    rate = Fraction(fps).limit_denominator(1001)
+    rate, codec = _rate_and_codec(fps, codec)
+    with _atomic_path(path) as temporary:
+        with av.open(temporary, mode="w", format="mp4") as container:
+            _encode_frames(container, frames, rate, codec, crf)
+    return Path(path)
+
+
+def _rate_and_codec(fps, codec: str | None) -> tuple[Fraction, str]:
+    """The checked frame rate and codec (libx264 when available, else MPEG-4 part 2)."""
+    import av
+
+    require(isinstance(fps, (int, float, Fraction)) and not isinstance(fps, bool) and fps > 0,
+            f"fps must be a positive number, got {fps!r}")
     codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
     require(codec in ("libx264", "mpeg4"), f"unsupported codec {codec!r} (use libx264 or mpeg4)")
     require(codec in av.codecs_available, f"codec {codec} is not available in this PyAV build")
-    with _atomic_path(path) as temporary:
-        with av.open(temporary, mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=rate)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            if codec == "libx264":
-                stream.options = {"crf": str(crf)}
-            else:
-                stream.bit_rate = int(frames.shape[1] * frames.shape[2] * float(rate) * 2)
-            for image in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            container.mux(stream.encode(None))
-    return Path(path)
+    return Fraction(fps).limit_denominator(1001), codec
+
+
+def _encode_frames(container, frames: np.ndarray, rate: Fraction, codec: str, crf: int, x264_options=None):
+    """Encode uint8 frames (even sizes) as one yuv420p video stream of ``container``; returns the stream."""
+    import av
+
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "yuv420p"
+    if codec == "libx264":
+        stream.options = {"crf": str(crf), **(x264_options or {})}
+    else:
+        stream.bit_rate = int(frames.shape[1] * frames.shape[2] * float(rate) * 2)
+    for index, image in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = index
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+    return stream
 
 
 # Fragmented MP4 (a header, then one moof+mdat fragment per keyframe run): each fragment plays once it is on disk.
@@ -124,15 +142,8 @@ class Mp4StreamWriter:
     identical for every chunk, is written once)."""
 
     def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, codec: str | None = None):
-        import av
-
-        require(isinstance(fps, (int, float, Fraction)) and not isinstance(fps, bool) and fps > 0,
-                f"fps must be a positive number, got {fps!r}")
         self.path = Path(path)
-        self.rate = Fraction(fps).limit_denominator(1001)
-        self.codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
-        require(self.codec in ("libx264", "mpeg4"), f"unsupported codec {self.codec!r} (use libx264 or mpeg4)")
-        require(self.codec in av.codecs_available, f"codec {self.codec} is not available in this PyAV build")
+        self.rate, self.codec = _rate_and_codec(fps, codec)
         self.crf = crf
         self.frames_written = 0
         self.size: tuple[int, int] | None = None
@@ -146,19 +157,8 @@ class Mp4StreamWriter:
 
         buffer = io.BytesIO()
         with av.open(buffer, mode="w", format="mp4", options=_FRAGMENTED) as container:
-            stream = container.add_stream(self.codec, rate=self.rate)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            if self.codec == "libx264":
-                stream.options = {"crf": str(self.crf), "bf": "0"}  # no reordering: decode order is frame order
-            else:
-                stream.bit_rate = int(frames.shape[1] * frames.shape[2] * float(self.rate) * 2)
-            for index, image in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                frame.pts = index
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-            time_base = stream.time_base
+            # no B-frames: decode order is frame order
+            time_base = _encode_frames(container, frames, self.rate, self.codec, self.crf, {"bf": "0"}).time_base
         return bytearray(buffer.getvalue()), Fraction(time_base)
 
     def _fragments(self, data: bytearray, start_time: int) -> bytes:

@@ -29,6 +29,12 @@ class KVPool:
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                    torch.zeros(num_pages, device=device, dtype=torch.int32), rope.frame_cos, rope.frame_sin)
 
+    @staticmethod
+    def page_bytes(cfg: WanConfig, page_tokens: int, dtype) -> int:
+        """Bytes one page takes over every layer, K and V (what ``allocate`` takes per page)."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * page_tokens * cfg.num_heads * cfg.head_dim * element
+
     @property
     def num_pages(self) -> int:
         return self.k.shape[1]

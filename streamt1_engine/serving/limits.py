@@ -44,8 +44,7 @@ class ServerLimits:
         """The request's own numbers against the limits, before any config is built from them (so that no
         check does work in proportion to a number this server would refuse). Values of a wrong type or an
         unknown strategy are left to the engine's checks, which answer them in one line."""
-        if _is_int(num_chunks) and num_chunks > self.max_chunks:
-            raise LimitExceeded(f"num_chunks {num_chunks} is above this server's limit of {self.max_chunks}", 422)
+        self._check_chunks(num_chunks)
         defaults = SearchConfig.__dataclass_fields__
         shape = {k: search_options.get(k, defaults[k].default) for k in ("strategy", "beam_size", "top_k",
                                                                         "num_candidates")}
@@ -56,9 +55,12 @@ class ServerLimits:
 
     def check(self, num_chunks, search: SearchConfig) -> None:
         """Chunks and candidates within the limits (types and ranges are the engine's checks)."""
-        if isinstance(num_chunks, int) and num_chunks > self.max_chunks:
-            raise LimitExceeded(f"num_chunks {num_chunks} is above this server's limit of {self.max_chunks}", 422)
+        self._check_chunks(num_chunks)
         self._check_candidates(search.strategy, search.first_chunk_candidates)
+
+    def _check_chunks(self, num_chunks) -> None:
+        if _is_int(num_chunks) and num_chunks > self.max_chunks:
+            raise LimitExceeded(f"num_chunks {num_chunks} is above this server's limit of {self.max_chunks}", 422)
 
     def _check_candidates(self, strategy: str, candidates: int) -> None:
         if candidates > self.max_candidates:

@@ -134,13 +134,10 @@ class AccessPolicy:
         return self.bind_host is None or not is_loopback(self.bind_host)
 
     def _own_host(self, name: str, port: int) -> bool:
-        bind = self.bind_host
-        if bind is None or bind.strip("[]") in WILDCARD_ADDRESSES:
+        bind = None if self.bind_host is None else self.bind_host.strip("[]").lower()
+        if bind is None or bind in WILDCARD_ADDRESSES:
             return name in LOOPBACK_NAMES or _is_ip(name) or name == socket.gethostname().lower()
-        if is_loopback(bind):
-            names = LOOPBACK_NAMES | {bind.strip("[]").lower()}
-        else:
-            names = {bind.strip("[]").lower()}
+        names = LOOPBACK_NAMES | {bind} if is_loopback(bind) else {bind}
         return name in names and (self.bind_port in (None, 0) or port == self.bind_port)
 
     def host_allowed(self, host: str, scheme: str) -> bool:
