@@ -340,14 +340,20 @@ def reference_forward(model, noisy: torch.Tensor, timestep: float, text, caches:
 
 
 # -- the official decisions (plain Python) ------------------------------------------------------------------
+def _route_excess(history: dict, short: float, long: float, s: UpstreamSettings) -> tuple[float, float]:
+    """(short score over the lineage's mean, long score's drop from the previous chunk), each less its
+    threshold: the two comparisons ``route_flag`` makes, > 0 meaning high / low."""
+    keys = sorted(history)[:-1]
+    mean_short = sum(history[k]["short"] for k in keys) / len(keys)
+    return short - mean_short - s.short_threshold, history[keys[-1]]["long"] - long - s.long_threshold
+
+
 def route_flag(history: dict, short: float, long: float, s: UpstreamSettings) -> str:
     """``history``: chunk start frame -> {"short", "long"} of the lineage, the current chunk last. The short
     mean runs over every earlier chunk (the official window slice ``[max(0, 1 - W):]`` keeps them all);
     long_low compares with the previous chunk's long score."""
-    keys = sorted(history)[:-1]
-    mean_short = sum(history[k]["short"] for k in keys) / len(keys)
-    short_high = short - mean_short > s.short_threshold
-    long_low = history[keys[-1]]["long"] - long > s.long_threshold
+    short_excess, long_excess = _route_excess(history, short, long, s)
+    short_high, long_low = short_excess > 0, long_excess > 0
     if short_high and not long_low:
         return EMA
     return APPEND if short_high and long_low else DISCARD
@@ -356,11 +362,9 @@ def route_flag(history: dict, short: float, long: float, s: UpstreamSettings) ->
 def route_margin(history: dict, short: float, long: float, s: UpstreamSettings) -> float:
     """How far the routing comparisons of ``route_flag`` are from their thresholds (a score change smaller
     than this cannot change the flag)."""
-    keys = sorted(history)[:-1]
-    if not keys:
+    if len(history) < 2:
         return math.inf
-    mean_short = sum(history[k]["short"] for k in keys) / len(keys)
-    return min(abs(short - mean_short - s.short_threshold), abs(history[keys[-1]]["long"] - long - s.long_threshold))
+    return min(abs(e) for e in _route_excess(history, short, long, s))
 
 
 def hybrid_weight(start_frame: int, total_frames: int, s: UpstreamSettings) -> float:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from streamt1_engine.config import EngineConfig, SamplerConfig, StreamConfig, WanConfig
 from streamt1_engine.model.wan import CausalWanDiT, RMSNorm, WanBlock, WanHead
 
+from report_tables import markdown_table  # noqa: F401 - also for the scripts that import it from here
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VIDEO_FPS = 16  # Wan2.1 / Self-Forcing output frame rate
@@ -425,24 +427,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("+dirty" if dirty else "")) or None
-
-
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    if not rows:
-        return "(no rows)\n"
-    columns = columns or list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
 
 
 @dataclass

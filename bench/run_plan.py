@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from report_tables import markdown_table  # bench/ is the script's folder: first on sys.path
+
 # Steps with no FLOP count of their own: assumed seconds and why.
 FIXED = {
     "env": (20.0, "nvidia-smi, the carried wheels' offline install, version report"),
@@ -77,16 +79,7 @@ def partial(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     name = path.name.removesuffix(".rows.jsonl")
     print(f"## {name}: partial ({len(rows)} rows written before the step ended; no report)\n")
-    if not rows:
-        print("(no rows)")
-        return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        cells = [("-" if row.get(c) is None else f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row[c]))
-                 for c in columns]
-        print("| " + " | ".join(cells) + " |")
+    print(markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row))), end="")
 
 
 def main(argv: list[str]) -> int:
